@@ -1,0 +1,48 @@
+"""The one KV-cache type: static, preallocated, one row per batch slot.
+
+Shapes never change after allocation, so decode steps have fixed shapes (CUDA graphs, torch.compile).
+Each row is written at explicit slot indices; attention masks are derived from slot order, which lets a
+row hold a conversation of any length up to `capacity` while other rows hold others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        capacity: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.batch_size = batch_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [B, H, T, D] of `rows` [B] at `slots` [B, T]."""
+        self.k[layer, rows[:, None], :, slots] = k.transpose(1, 2)
+        self.v[layer, rows[:, None], :, slots] = v.transpose(1, 2)
+
+    def layer(self, layer: int, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if rows is None:
+            return self.k[layer], self.v[layer]
+        return self.k[layer, rows], self.v[layer, rows]
+
+    def copy_rows(self, src: KVCache, src_row: int, dst_row: int, length: int) -> None:
+        """Copy the first `length` slots of one row of `src` into a row of this cache (voice prefixes)."""
+        self.k[:, dst_row, :, :length] = src.k[:, src_row, :, :length]
+        self.v[:, dst_row, :, :length] = src.v[:, src_row, :, :length]
