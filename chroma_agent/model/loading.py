@@ -41,7 +41,7 @@ _MIMI_NESTING = [
     ("codec_model.decoder_transformer.", "codec_model.decoder.decoder_transformer."),
     ("codec_model.decoder.layers.", "codec_model.decoder.decoder_seanet.layers."),
 ]
-_TIED = ("backbone.audio_embedding.embed_audio_tokens.weight", "decoder.audio_embedding.embed_audio_tokens.weight")
+TIED_AUDIO_TABLES = ("backbone.audio_embedding.embed_audio_tokens.weight", "decoder.audio_embedding.embed_audio_tokens.weight")
 
 
 def _mimi_is_nested(model: ChromaModel) -> bool:
@@ -212,10 +212,10 @@ def load_weights(model: ChromaModel, tensors: Iterator[tuple[str, torch.Tensor]]
                 )
             target.copy_(tensor)
             seen.add(name)
-    if _TIED[1] in seen and _TIED[0] not in seen:
-        seen.add(_TIED[0])  # stored once: the backbone shares the decoder's table
-    elif _TIED[0] in seen and _TIED[1] not in seen:
-        seen.add(_TIED[1])
+    if TIED_AUDIO_TABLES[1] in seen and TIED_AUDIO_TABLES[0] not in seen:
+        seen.add(TIED_AUDIO_TABLES[0])  # stored once: the backbone shares the decoder's table
+    elif TIED_AUDIO_TABLES[0] in seen and TIED_AUDIO_TABLES[1] not in seen:
+        seen.add(TIED_AUDIO_TABLES[1])
     missing = sorted(set(targets) - seen)
     if unexpected or missing:
         parts = []
