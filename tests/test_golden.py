@@ -109,7 +109,6 @@ def test_waveform_matches(model, golden_outputs):
 
 def test_codebook_eos_rule_stops_generation(model, prompt, prefix, monkeypatch):
     """Force all-zero frames from step 3 on: the reply ends there and the all-zero frame is dropped."""
-    vocab = model.config.audio_vocab_size
     calls = {"backbone": 0}
     real_backbone = model.backbone_forward
 

@@ -142,7 +142,8 @@ def _iter_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
     bar = tqdm(total=total, desc="loading Chroma weights", unit="tensor", disable=not progress, leave=False)
     with bar:
         for h in handles:
-            for key in h.keys():
+            names = h.keys()  # a safetensors handle is not iterable itself
+            for key in names:
                 yield key, h.get_tensor(key)
                 bar.update(1)
 
