@@ -2,7 +2,8 @@
 
 Shapes never change after allocation, so decode steps have fixed shapes (CUDA graphs, torch.compile).
 Each row is written at explicit slot indices; attention masks are derived from slot order, which lets a
-row hold a conversation of any length up to `capacity` while other rows hold others.
+row hold a conversation of any length up to `capacity` while other rows hold others. Storage is
+slot-major ([layers, rows, slots, heads, dim]) so a write of any rows and slots is one `index_copy_`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ):
-        shape = (num_layers, batch_size, num_kv_heads, capacity, head_dim)
+        shape = (num_layers, batch_size, capacity, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.capacity = capacity
@@ -33,16 +34,20 @@ class KVCache:
         return self.k.numel() * self.k.element_size() * 2
 
     def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k/v [B, H, T, D] of `rows` [B] at `slots` [B, T]."""
-        self.k[layer, rows[:, None], :, slots] = k.transpose(1, 2)
-        self.v[layer, rows[:, None], :, slots] = v.transpose(1, 2)
+        """Store k/v [B, H, T, D] of cache rows `rows` [B] at `slots` [B, T]."""
+        b, h, t, d = k.shape
+        index = (rows[:, None] * self.capacity + slots).reshape(-1)
+        self.k[layer].view(-1, h, d).index_copy_(0, index, k.transpose(1, 2).reshape(b * t, h, d))
+        self.v[layer].view(-1, h, d).index_copy_(0, index, v.transpose(1, 2).reshape(b * t, h, d))
 
     def layer(self, layer: int, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if rows is None:
-            return self.k[layer], self.v[layer]
-        return self.k[layer, rows], self.v[layer, rows]
+        """k, v as [B, H, capacity, D] views (or gathered copies when `rows` picks a subset)."""
+        k, v = self.k[layer], self.v[layer]
+        if rows is not None:
+            k, v = k.index_select(0, rows), v.index_select(0, rows)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def copy_rows(self, src: KVCache, src_row: int, dst_row: int, length: int) -> None:
         """Copy the first `length` slots of one row of `src` into a row of this cache (voice prefixes)."""
-        self.k[:, dst_row, :, :length] = src.k[:, src_row, :, :length]
-        self.v[:, dst_row, :, :length] = src.v[:, src_row, :, :length]
+        self.k[:, dst_row, :length] = src.k[:, src_row, :length]
+        self.v[:, dst_row, :length] = src.v[:, src_row, :length]

@@ -25,22 +25,75 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32 like transformers does, so bf16 runs match the reference's rounding.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        if x.dtype == torch.float32:
+            return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple:
-    """cos/sin [B, T, head_dim] for integer positions [B, T] (computed in float32, then cast)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+class RotaryTable:
+    """cos and sin for every position up to `length`, built once per device and dtype.
+
+    Stored as (cos, signed sin) so rotating a vector is `x * cos + x.roll(half) * sin`: the usual
+    rotate-half layout of Llama/Qwen2 in four elementwise ops.
+    """
+
+    def __init__(self, head_dim: int, theta: float, length: int):
+        self.head_dim, self.theta, self.length = head_dim, theta, length
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (positions.device, dtype)
+        if key not in self._tables:
+            half = self.head_dim // 2
+            inv_freq = 1.0 / (
+                self.theta ** (torch.arange(0, self.head_dim, 2, device=positions.device).float() / self.head_dim)
+            )
+            freqs = torch.arange(self.length, device=positions.device).float()[:, None] * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)
+            sin = emb.sin()
+            sin[:, :half] = -sin[:, :half]
+            self._tables[key] = (emb.cos().to(dtype), sin.to(dtype))
+        cos, sin = self._tables[key]
+        return cos[positions], sin[positions]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+
+
+def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several projections of the same input, without a second copy.
+
+    The parameters keep their checkpoint names but become views into one tensor, so a step runs one
+    matmul instead of three. If anything re-allocated a parameter since (`.to()`, `load_state_dict(assign=
+    True)`), the views no longer line up and the fused tensor is rebuilt.
+    """
+    first = linears[0].weight
+    offset = first.data_ptr()
+    aligned = True
+    for lin in linears:
+        w = lin.weight
+        if w.data_ptr() != offset or not w.is_contiguous():
+            aligned = False
+            break
+        offset += w.numel() * w.element_size()
+    fused = getattr(linears[0], "_fused", None)
+    if aligned and fused is not None and fused[0].data_ptr() == first.data_ptr() and fused[0].dtype == first.dtype:
+        return fused
+    with torch.no_grad():
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = None
+        if linears[0].bias is not None:
+            bias = torch.cat([lin.bias.detach() for lin in linears])
+        start = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = weight[start : start + rows]
+            if bias is not None:
+                lin.bias.data = bias[start : start + rows]
+            start += rows
+    linears[0]._fused = (weight, bias)
+    return weight, bias
 
 
 def causal_slot_mask(slots: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -73,12 +126,15 @@ class Attention(nn.Module):
         all_rows: bool,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        weight, bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        qkv = F.linear(x, weight, bias)
+        nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q = qkv[..., :nq].view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = qkv[..., nq : nq + nkv].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = qkv[..., nq + nkv :].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
         cache.write(layer, rows, slots, k, v)
         k_all, v_all = cache.layer(layer, None if all_rows else rows)
         out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=True)
@@ -93,7 +149,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        weight, _ = fuse_linears([self.gate_proj, self.up_proj])
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -115,6 +173,8 @@ class Transformer(nn.Module):
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        # Positions past the trained range still work (rope has no hard limit); the table just has to cover them.
+        self.rotary = RotaryTable(cfg.head_dim, cfg.rope_theta, max(cfg.max_position_embeddings, 16384))
 
     def new_cache(self, batch_size: int, capacity: int, *, dtype: torch.dtype, device) -> KVCache:
         c = self.cfg
@@ -132,7 +192,7 @@ class Transformer(nn.Module):
         all_rows = rows is None
         if rows is None:
             rows = torch.arange(x.shape[0], device=x.device)
-        cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        cos, sin = self.rotary.lookup(positions, x.dtype)
         mask = causal_slot_mask(slots, cache.capacity)
         for i, block in enumerate(self.layers):
             h = block.input_layernorm(x)
