@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 
 from chroma_agent.engine.sampling import Sampler, SamplingParams
+from chroma_agent.engine.step import prefill_voice, run_step, start_reply, thinker_prefill
 from chroma_agent.model.chroma import ChromaModel
 
 
@@ -53,9 +54,12 @@ Event = TextToken | AudioFrame | ReplyDone
 
 
 def backbone_capacity(prefix_len: int, max_frames: int) -> int:
-    """Backbone slots for a reply: the prefix, the first text pair, one per step, two per text step."""
+    """Backbone slots for a reply: the prefix, the first text pair, one per step, two per text step.
+
+    Two spare slots take the padding of batched steps (rows with 1 input padded to 3).
+    """
     steps = max_frames + 1  # an all-zero frame is dropped but always ends the reply, so at most one extra
-    return prefix_len + 2 + steps + 2 * ((steps + 1) // 2)
+    return prefix_len + 2 + steps + 2 * ((steps + 1) // 2) + 2
 
 
 @torch.inference_mode()
@@ -72,65 +76,32 @@ def generate_reply(
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     cfg = model.config
     device, dtype = model.device, model.dtype
-    sample = Sampler(sampling or SamplingParams(), device=device)
+    sampler = Sampler(sampling or SamplingParams(), device=device)
 
-    # Thinker prefill over the whole prompt; its text is always greedy, as in the reference.
-    input_ids = prompt.input_ids.to(device)
-    audio = None
-    if prompt.input_features is not None:
-        audio = model.thinker.encode_audio(prompt.input_features.to(device), prompt.feature_attention_mask.to(device))
-    embeds = model.thinker.embed(input_ids, audio)
-    n_prompt = input_ids.shape[1]
+    n_prompt = prompt.input_ids.shape[1]
     max_text = (max_frames + 2) // 2 + 1
     thinker_cache = model.thinker.model.new_cache(1, n_prompt + max_text, dtype=dtype, device=device)
-    positions = torch.arange(n_prompt, device=device)[None]
-    hidden, logits = model.thinker_forward(embeds, positions, thinker_cache)
-    thinker_pos = n_prompt
-
-    prefix = voice_prefix.to(device=device, dtype=dtype)
+    prefix_len = voice_prefix.shape[0]
     backbone_cache = model.backbone.model.new_cache(
-        1, backbone_capacity(prefix.shape[0], max_frames), dtype=dtype, device=device
+        1, backbone_capacity(prefix_len, max_frames), dtype=dtype, device=device
     )
     decoder_cache = model.decoder.model.new_cache(1, cfg.num_codebooks, dtype=dtype, device=device)
 
+    hidden, logits = thinker_prefill(
+        model, prompt.input_ids, prompt.input_features, prompt.feature_attention_mask, thinker_cache, 0, 0
+    )
+    prefill_voice(model, voice_prefix, backbone_cache, 0)
+    state = start_reply(model, 0, hidden, logits, n_prompt, prefix_len, sampler, max_frames)
     done = ReplyDone(reason="max_frames")
-    token = int(logits.argmax(-1))
-    step_inputs = [prefix, hidden, model.embed_text(torch.tensor([token], device=device))]
-    done.text_ids.append(token)
-    yield TextToken(token, 0)
-    thinker_live = token != cfg.im_end_id
-    text_due = False  # the first pair went in with the prefix; the next comes two steps later
-    backbone_pos = 0
-    step = 0
-    while True:
-        x = torch.cat(step_inputs, dim=0)[None]
-        positions = torch.arange(backbone_pos, backbone_pos + x.shape[1], device=device)[None]
-        backbone_pos += x.shape[1]
-        hidden, logits = model.backbone_forward(x, positions, backbone_cache)
-        code0 = sample(logits)
-        frame = model.depth_decode(hidden, code0, decoder_cache, sample)[0]
-        frame_cpu = frame.cpu()
-        if int(frame_cpu.sum()) != 0:
-            done.frames.append(frame_cpu)
-            yield AudioFrame(frame_cpu, len(done.frames) - 1, step)
-        if bool((frame_cpu[:-1] == cfg.codebook_eos_id).all()):
-            done.reason = "eos"
-            break
-        if len(done.frames) >= max_frames:
-            break
-        step += 1
-        step_inputs = [model.embed_frames(frame)[None]]
-        if thinker_live and text_due:
-            pos = torch.tensor([[thinker_pos]], device=device)
-            thinker_pos += 1
-            hidden, logits = model.thinker_forward(model.embed_text(torch.tensor([[token]], device=device)), pos,
-                                                   thinker_cache)
-            token = int(logits.argmax(-1))
-            step_inputs += [hidden, model.embed_text(torch.tensor([token], device=device))]
-            done.text_ids.append(token)
-            yield TextToken(token, step)
-            thinker_live = token != cfg.im_end_id
-            text_due = False
-        else:
-            text_due = thinker_live
+    done.text_ids.append(state.token)
+    yield TextToken(state.token, 0)
+    while state.finished is None:
+        (out,) = run_step(model, [state], thinker_cache, backbone_cache, decoder_cache)
+        if out.new_token is not None:
+            done.text_ids.append(out.new_token)
+            yield TextToken(out.new_token, out.step)
+        if out.frame is not None:
+            done.frames.append(out.frame)
+            yield AudioFrame(out.frame, len(done.frames) - 1, out.step)
+    done.reason = state.finished
     yield done

@@ -238,31 +238,32 @@ class ChromaProcessor:
             rendered.append({"role": role, "content": parts})
         return rendered, audio
 
-    def _apply_template(self, rendered: list[dict[str, Any]]) -> str:
+    def _apply_template(self, rendered: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         text = self.tokenizer.apply_chat_template(
-            rendered, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            rendered,
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
         )
         if not isinstance(text, str):  # some tokenizer versions wrap single conversations in a list
             text = text[0]
         return text
 
-    def render(self, messages: Any) -> str:
+    def render(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (one ``<|AUDIO|>`` per clip); audio is not loaded."""
         rendered, _ = self._normalise(messages)
-        return self._apply_template(rendered)
+        return self._apply_template(rendered, add_generation_prompt)
 
-    def encode_messages(
+    def load_clips(
         self,
         messages: Any,
         *,
         base_dir: Path | None = None,
         allow_paths: bool = True,
         max_audio_seconds: float | None = None,
-    ) -> ThinkerInputs:
-        """Thinker inputs for one conversation; audio errors name the message and part they come from."""
-        rendered, refs = self._normalise(messages)
-        prompt = self._apply_template(rendered)
-
+    ) -> list[np.ndarray]:
+        """Every audio part of ``messages`` at 16 kHz, in prompt order; errors name the part."""
+        _, refs = self._normalise(messages)
         clips: list[np.ndarray] = []
         for k, ref in enumerate(refs, start=1):
             try:
@@ -287,7 +288,29 @@ class ChromaProcessor:
                 )
                 clip = clip[: self.max_audio_samples]
             clips.append(clip)
+        return clips
 
+    def encode_messages(
+        self,
+        messages: Any,
+        *,
+        base_dir: Path | None = None,
+        allow_paths: bool = True,
+        max_audio_seconds: float | None = None,
+    ) -> ThinkerInputs:
+        """Thinker inputs for one conversation; audio errors name the message and part they come from."""
+        prompt = self.render(messages)
+        clips = self.load_clips(
+            messages, base_dir=base_dir, allow_paths=allow_paths, max_audio_seconds=max_audio_seconds
+        )
+        return self.encode_text(prompt, clips)
+
+    def encode_text(self, prompt: str, clips: Sequence[np.ndarray]) -> ThinkerInputs:
+        """Rendered template text + its 16 kHz clips -> ids with each placeholder expanded, and features.
+
+        Works on any piece of a conversation that starts at a message boundary, which is how the engine
+        prefills only a new turn while the earlier ones stay in the KV cache.
+        """
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         placeholders = sum(1 for t in ids if t == self.audio_token_id)
         if placeholders != len(clips):
@@ -301,12 +324,11 @@ class ChromaProcessor:
         if clips:
             features, mask = self.extract_features(clips)
             counts = [num_audio_tokens(int(n)) for n in mask.sum(-1)]
-            for k, (ref, count) in enumerate(zip(refs, counts, strict=True), start=1):
+            for k, count in enumerate(counts, start=1):
                 if count < 1:  # the encoder's stride-2 conv and pooling need 3 mel frames for one output
                     raise AudioError(
-                        f"audio part {k} (messages[{ref.message_index}].content[{ref.part_index}]): audio is "
-                        f"too short ({len(clips[k - 1])} samples; at least {2 * self.hop_length + 1} at "
-                        f"{self.audio_sample_rate} Hz)"
+                        f"audio part {k}: audio is too short ({len(clips[k - 1])} samples; at least "
+                        f"{2 * self.hop_length + 1} at {self.audio_sample_rate} Hz)"
                     )
             expanded: list[int] = []
             clip_iter = iter(counts)
