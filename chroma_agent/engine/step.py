@@ -112,7 +112,9 @@ def run_step(
     all_rows = n == backbone_cache.batch_size and all(s.row == i for i, s in enumerate(states))
     new_tokens: list[int | None] = [None] * n
 
-    # 1. Thinker, for the rows whose text is due: one token each, batched.
+    # 1. Thinker, for the rows whose text is due: one token each, batched. Nothing in `states` changes
+    # until every stage has run, so a failed step can be retried row by row.
+    inputs = [s.inputs for s in states]
     due = [i for i, s in enumerate(states) if s.thinker_live and s.text_due]
     if due:
         ids = torch.tensor([[states[i].token] for i in due], device=device)
@@ -123,26 +125,22 @@ def run_step(
         tokens = logits.argmax(-1).tolist()
         emb = model.embed_text(torch.tensor(tokens, device=device))
         for k, i in enumerate(due):
-            s = states[i]
-            s.thinker_pos += 1
-            s.token = tokens[k]
-            s.inputs = torch.cat([s.inputs, hidden[k : k + 1], emb[k : k + 1]])
-            s.text.append((s.token, s.step))
-            s.thinker_live = s.token != cfg.im_end_id
-            new_tokens[i] = s.token
-    for s in states:
-        s.text_due = False if s.text and s.text[-1][1] == s.step else s.thinker_live
+            inputs[i] = torch.cat([inputs[i], hidden[k : k + 1], emb[k : k + 1]])
+            new_tokens[i] = tokens[k]
 
     # 2. Backbone over each row's new inputs (1 or 3 vectors), padded to a common length. Padding sits
     # after a row's real inputs, so causal attention keeps it out of the real ones; the next step
     # overwrites those slots.
-    width = max(s.inputs.shape[0] for s in states)
-    x = torch.zeros(n, width, cfg.backbone.hidden_size, dtype=dtype, device=device)
-    for i, s in enumerate(states):
-        x[i, : s.inputs.shape[0]] = s.inputs
+    width = max(x.shape[0] for x in inputs)
+    if width == 1 or all(x.shape[0] == width for x in inputs):
+        x = torch.stack(inputs)
+    else:
+        x = torch.zeros(n, width, cfg.backbone.hidden_size, dtype=dtype, device=device)
+        for i, row_inputs in enumerate(inputs):
+            x[i, : row_inputs.shape[0]] = row_inputs
     base = torch.tensor([s.backbone_pos for s in states], device=device)
     positions = base[:, None] + torch.arange(width, device=device)
-    last = torch.tensor([s.inputs.shape[0] - 1 for s in states], device=device)
+    last = torch.tensor([x.shape[0] - 1 for x in inputs], device=device)
     rows = None if all_rows else torch.tensor([s.row for s in states], device=device)
     hidden, logits = model.backbone_forward(x, positions, backbone_cache, rows, last)
 
@@ -155,12 +153,19 @@ def run_step(
 
     outputs = []
     for i, s in enumerate(states):
+        if new_tokens[i] is not None:
+            s.thinker_pos += 1
+            s.token = new_tokens[i]
+            s.text.append((s.token, s.step))
+            s.thinker_live = s.token != cfg.im_end_id
+        # Text comes on every other step: right after a step that carried none.
+        s.text_due = s.thinker_live and s.text[-1][1] != s.step
         frame = frames_cpu[i]
         kept = int(frame.sum()) != 0
         if kept:
             s.frames_kept += 1
         outputs.append(StepOutput(frame if kept else None, s.step, new_tokens[i]))
-        s.backbone_pos += s.inputs.shape[0]
+        s.backbone_pos += inputs[i].shape[0]
         if bool((frame[:-1] == cfg.codebook_eos_id).all()):
             s.finished = "eos"
         elif s.frames_kept >= s.max_frames:

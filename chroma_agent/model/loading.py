@@ -217,7 +217,7 @@ def load_weights(model: ChromaModel, tensors: Iterator[tuple[str, torch.Tensor]]
         seen.add(TIED_AUDIO_TABLES[0])  # stored once: the backbone shares the decoder's table
     elif TIED_AUDIO_TABLES[0] in seen and TIED_AUDIO_TABLES[1] not in seen:
         seen.add(TIED_AUDIO_TABLES[1])
-    missing = sorted(set(targets) - seen)
+    missing = sorted(checkpoint_name(model, name) for name in set(targets) - seen)  # as the file names them
     if unexpected or missing:
         parts = []
         if missing:
