@@ -1,0 +1,72 @@
+"""What a reply streams to its consumer: audio chunks, text deltas, then one final event."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chroma_agent.audio import to_pcm16
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """One 80 ms Mimi frame of 24 kHz mono audio."""
+
+    pcm: np.ndarray  # float32 [1920]
+    frame_index: int
+    timestamp_ms: float  # where the chunk starts within the reply
+    codes: np.ndarray | None = None  # the frame's Mimi codes [K] (int64, before clamping)
+
+    def pcm16(self) -> bytes:
+        return to_pcm16(self.pcm)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Transcript text as the thinker chooses it (it leads the audio it is spoken in by up to ~2 frames)."""
+
+    text: str
+    token_id: int
+    frame_index: int  # the first frame that carries this token
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int  # thinker tokens prefilled for this reply
+    cached_tokens: int  # thinker tokens reused from earlier turns (not recomputed)
+    text_tokens: int
+    audio_frames: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    time_to_first_audio_ms: float | None
+    prefill_ms: float
+    total_ms: float
+    audio_ms: float
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Generation time per second of audio (< 1 is faster than real time)."""
+        return self.total_ms / self.audio_ms if self.audio_ms else None
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    reason: str  # "completed" (end of audio), "max_frames", "cancelled"
+    text: str
+    usage: Usage
+    timings: Timings
+    frame_steps: list[int] = field(default_factory=list, repr=False)
+
+
+@dataclass(frozen=True)
+class ResponseError:
+    """The reply failed; the conversation and every other session go on."""
+
+    message: str
+    kind: str = "internal_error"
+
+
+ResponseEvent = AudioChunk | TextDelta | ResponseDone | ResponseError
