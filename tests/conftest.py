@@ -52,3 +52,45 @@ def params_tsv(tiny_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def full_config_json(tiny_dir: Path) -> Path:
     return tiny_dir.parent / "chroma-4b-config.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tiny_dir):
+    """(ChromaModel, ChromaProcessor) of the reference tiny checkpoint, loaded once per test run."""
+    from chroma_agent.model.chroma import ChromaModel
+    from chroma_agent.model.processor import ChromaProcessor
+
+    return ChromaModel.from_pretrained(tiny_dir, progress=False), ChromaProcessor.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
+def golden_voice(tiny_parts, golden_dir):
+    """The golden case's voice prompt as a VoiceProfile (named "golden")."""
+    import json
+
+    from chroma_agent.voices import create_voice_profile
+
+    model, processor = tiny_parts
+    text = json.loads((golden_dir / "case.json").read_text())["voice_text"]
+    return create_voice_profile(model, processor, golden_dir / "voice.wav", text, name="golden")
+
+
+@pytest.fixture()
+def make_engine(tiny_parts, tmp_path):
+    """Factory for engines on the tiny checkpoint (closed at the end of the test)."""
+    from chroma_agent.engine.engine import Engine, EngineConfig
+    from chroma_agent.engine.sampling import SamplingParams
+    from chroma_agent.voices import VoiceStore
+
+    engines = []
+
+    def make(golden_default_voice=None, **config):
+        model, processor = tiny_parts
+        eng = Engine(model, processor, EngineConfig(**config), voices=VoiceStore(tmp_path / "voices"),
+                     default_voice=golden_default_voice, sampling=SamplingParams())
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        eng.close()

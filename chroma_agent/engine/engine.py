@@ -141,6 +141,10 @@ class Engine:
     def live_sessions(self) -> int:
         return len(self.conversations)
 
+    @property
+    def queued_replies(self) -> int:
+        return len(self._pending)
+
     # --- voices -----------------------------------------------------------------------------------------
 
     def create_voice(self, audio, transcript: str, name: str | None = None, *, sample_rate: int | None = None,

@@ -1,0 +1,29 @@
+"""Server settings: limits and security knobs, validated at start."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    api_key: str | None = None  # when set, every request needs it (Bearer header; `api-key` for WebSockets)
+    assets_dir: Path | None = None  # only then may a request name an audio file, relative to this folder
+    model_name: str = "chroma-4b"  # the id /v1/models reports and requests may name
+    max_request_bytes: int = 50 * 1024 * 1024  # a whole HTTP request body
+    max_audio_seconds: float = 300.0  # one audio input
+    max_ws_message_bytes: int = 16 * 1024 * 1024
+    ws_messages_per_second: float = 200.0  # per connection, averaged over a 1 s burst window
+    session_wait_s: float = 5.0  # how long a request may wait for a free engine slot before 503
+    default_max_frames: int = 750  # a reply's length when the request names none (60 s)
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and len(self.api_key) < 8:
+            raise ValueError("api_key must be at least 8 characters")
+        if self.assets_dir is not None and not Path(self.assets_dir).is_dir():
+            raise ValueError(f"assets_dir {self.assets_dir} is not a folder")
+        if self.max_request_bytes < 1024 or self.max_ws_message_bytes < 1024:
+            raise ValueError("request size limits must be at least 1 KiB")
+        if self.max_audio_seconds <= 0 or self.ws_messages_per_second <= 0 or self.session_wait_s < 0:
+            raise ValueError("audio, rate and wait limits must be positive")
