@@ -360,6 +360,19 @@ class Conversation:
             frame_steps=list(reply.frame_steps),
         )
 
+    def drop_turn(self, turn: Turn) -> None:
+        """Forget a turn (a failed reply's); the row's cache stays valid only up to where it began."""
+        index = next((i for i, t in enumerate(self.turns) if t is turn), None)
+        if index is None:
+            return
+        self.cached = min(self.cached, sum(len(t.ids) for t in self.turns[:index]))
+        del self.turns[index]
+        if turn.role == "assistant":
+            for i in range(len(self.history) - 1, -1, -1):
+                if self.history[i]["role"] == "assistant":
+                    del self.history[i]
+                    break
+
     def _without_end(self, ids: list[int]) -> list[int]:
         end = self.engine.model.config.im_end_id
         return [t for t in ids if t != end]

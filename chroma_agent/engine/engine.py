@@ -336,9 +336,8 @@ class Engine:
         if delta:
             reply.emit(TextDelta(delta, token, frame_index))
 
-    def _finish(self, reply: Reply, reason: str) -> None:
-        if reply.finished:
-            return
+    def _retire(self, reply: Reply) -> Conversation:
+        """Take a reply out of the loop; returns its conversation."""
         reply.finished = True
         if reply in self._running:
             self._running.remove(reply)
@@ -348,6 +347,12 @@ class Engine:
         conv = reply.conversation
         if conv.reply is reply:
             conv.reply = None
+        return conv
+
+    def _finish(self, reply: Reply, reason: str) -> None:
+        if reply.finished:
+            return
+        conv = self._retire(reply)
         conv.last_reply = reply
         done = conv.on_finished(reply, reason)
         log.info("conversation %s: reply %s after %d frames (ttfa %s ms)", conv.id, reason, reply.frames_produced,
@@ -355,17 +360,9 @@ class Engine:
         reply.emit(done)
 
     def _fail(self, reply: Reply, exc: Exception) -> None:
-        reply.finished = True
+        conv = self._retire(reply)
         self.stats["errors"] += 1
-        if reply in self._running:
-            self._running.remove(reply)
-        self._detok.pop(id(reply), None)
-        conv = reply.conversation
-        if conv.reply is reply:
-            conv.reply = None
-        # The failed assistant turn is dropped; the row's cache is re-prefilled from what remains.
-        conv.turns = [t for t in conv.turns if t is not reply.turn]
-        conv.cached = min(conv.cached, reply.context_start)
+        conv.drop_turn(reply.turn)
         kind = "invalid_request_error" if isinstance(exc, ValueError | ConversationError) else "internal_error"
         reply.emit(ResponseError(f"{type(exc).__name__}: {exc}", kind))
 
