@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 TINY := build/tiny
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo demo-cli browser-deps bench clean
 
 install: $(STAMP)
 
@@ -20,13 +20,22 @@ $(STAMP): pyproject.toml constraints.txt
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: $(STAMP) lint
+# The browser test needs Debian's chromium and the playwright package (never playwright's own browser download).
+browser-deps: $(STAMP)
+	PY=$(PY) scripts/install_browser_deps.sh
+
+test: $(STAMP) lint browser-deps
 	$(PY) -m pytest -q
 
 $(TINY)/config.json: $(STAMP)
 	$(VENV)/bin/chroma-agent make-tiny $(TINY)
 
-demo: $(TINY)/config.json
+# The WebRTC playground on a tiny model the project builds: open the printed URL, allow the microphone, talk.
+demo: $(STAMP)
+	$(VENV)/bin/chroma-agent playground --model tiny
+
+# The same pipeline once from the command line: synthetic question in, build/demo/reply.wav out.
+demo-cli: $(TINY)/config.json
 	$(VENV)/bin/chroma-agent demo --model $(TINY) --out build/demo
 
 bench: $(STAMP)
