@@ -52,6 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the whole pipeline on a tiny model with synthetic audio")
     demo.add_argument("--model", type=Path, default=Path("build/tiny"))
     demo.add_argument("--out", type=Path, default=Path("build/demo"))
+
+    play = sub.add_parser("playground", help="talk to the agent from a browser (WebRTC, no LiveKit server)")
+    play.add_argument("--model", default="tiny",
+                      help="'tiny' (random weights, built into build/tiny: speaks noise), a checkpoint folder "
+                           "or a Hugging Face repo id")
+    play.add_argument("--voice", help="a saved voice's name")
+    play.add_argument("--voice-audio", type=Path, help="clip of the voice to clone (with --voice-text)")
+    play.add_argument("--voice-text", help="transcript of --voice-audio")
+    play.add_argument("--host", default="127.0.0.1")
+    play.add_argument("--port", type=int, default=8080)
+    play.add_argument("--device", default="cpu")
+    play.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+
+    srv = sub.add_parser("serve", help="serve the HTTP API (chat completions, realtime, voices) with uvicorn")
+    srv.add_argument("--model", required=True, help="checkpoint folder or Hugging Face repo id (FlashLabs/Chroma-4B)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", help="require this key (Bearer) on every request but /health and /metrics; "
+                     "default: $CHROMA_API_KEY")
+    srv.add_argument("--voices-dir", type=Path, help="stored voices (default: $CHROMA_VOICES_DIR or "
+                     "~/.cache/chroma-agent/voices)")
+    srv.add_argument("--default-voice", help="stored voice for requests that name none and clone none")
+    srv.add_argument("--assets-dir", type=Path, help="folder requests may name audio files in (off by default)")
+    srv.add_argument("--max-sessions", type=int, default=4, help="conversations served at once (engine slots)")
+    srv.add_argument("--device", default="cpu")
+    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    srv.add_argument("--max-request-mb", type=float, default=50.0, help="largest accepted request body")
     return parser
 
 
@@ -175,6 +202,103 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_generate(gen_args)
 
 
+def run_playground(args: argparse.Namespace) -> int:
+    import socket
+
+    import uvicorn
+
+    from chroma_agent.webrtc.playground import TINY, TINY_NOTICE, create_app, open_engine
+
+    # Take the port before loading the model, so a busy port fails in a second, not after the load.
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        sock = socket.create_server((args.host, args.port), family=family)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc} (try --port)") from None
+    with sock:
+        engine, voice = open_engine(args.model, device=args.device, dtype=args.dtype, voice=args.voice,
+                                    voice_audio=args.voice_audio, voice_text=args.voice_text)
+        tiny = args.model == TINY
+        app = create_app(engine, voice=voice, notice=TINY_NOTICE if tiny else None)
+        print(f"\nChroma playground: open http://{args.host}:{args.port}/ in a browser on this machine, "
+              "press Start talking and allow the microphone. Ctrl-C stops it.")
+        if tiny:
+            print("The tiny model has random weights: it answers with noise. For speech, use real weights:\n"
+                  "  chroma-agent playground --model FlashLabs/Chroma-4B --device cuda --dtype bfloat16 \\\n"
+                  "      --voice-audio ref.wav --voice-text \"what ref.wav says\"")
+        print(flush=True)
+        try:
+            uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+        except KeyboardInterrupt:
+            pass  # uvicorn shut down cleanly, then re-raised the Ctrl-C it caught
+        finally:
+            engine.close()
+    return 0
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available in this torch build or on this machine")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {device}: MPS is not available on this machine")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from chroma_agent.engine.engine import Engine, EngineConfig
+    from chroma_agent.server.runner import bind, serve
+    from chroma_agent.server.settings import ServerSettings
+    from chroma_agent.voices import VoiceError, VoiceStore
+
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_sessions < 1:
+        raise UsageError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    if not args.max_request_mb > 0:
+        raise UsageError(f"--max-request-mb must be > 0, got {args.max_request_mb}")
+    if args.assets_dir is not None and not args.assets_dir.is_dir():
+        raise UsageError(f"--assets-dir: {args.assets_dir} is not a folder")
+    api_key = args.api_key or os.environ.get("CHROMA_API_KEY") or None
+    if api_key is not None and len(api_key) < 8:
+        raise UsageError("--api-key (or CHROMA_API_KEY) must be at least 8 characters")
+    _check_device(args.device)
+    settings = ServerSettings(api_key=api_key, assets_dir=args.assets_dir,
+                              max_request_bytes=max(1024, int(args.max_request_mb * 1024 * 1024)))
+    store = VoiceStore(args.voices_dir)
+    default_voice = None
+    if args.default_voice is not None:
+        try:
+            default_voice = store.get(args.default_voice)
+        except VoiceError as exc:
+            known = ", ".join(store.names()) or "none"
+            raise UsageError(f"--default-voice: {exc} in {store.folder} (stored voices: {known})") from None
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc} (try --port)") from None
+    with sock:
+        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                        config=EngineConfig(max_sessions=args.max_sessions),
+                                        voices_dir=store.folder, default_voice=default_voice)
+        try:
+            if default_voice is not None:
+                try:
+                    default_voice.require_compatible(engine.model.config)
+                except VoiceError as exc:
+                    raise UsageError(f"--default-voice: {exc}") from None
+            serve(engine, settings, sock)
+        finally:
+            engine.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -195,6 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "playground":
+            return run_playground(args)
+        if args.command == "serve":
+            return run_serve(args)
     except (UsageError, AudioError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"chroma-agent: error: {exc}", file=sys.stderr)
         return 2

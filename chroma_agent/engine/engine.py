@@ -134,6 +134,11 @@ class Engine:
         self._wake.set()
 
     @property
+    def alive(self) -> bool:
+        """False once the step thread has stopped (closed, or died): nothing will be generated."""
+        return self._thread.is_alive() and not self._stop
+
+    @property
     def free_slots(self) -> int:
         return len(self._free_rows)
 
@@ -211,8 +216,13 @@ class Engine:
                     raise EngineBusyError(f"all {self.config.max_sessions} conversation slots are in use")
                 self._slot_freed.wait(remaining)
             row = self._free_rows.pop(0)
-            decoder = StreamingMimiDecoder(self.model.codec_model)
-            conv = Conversation(self, row, profile, instructions, sampling or self.sampling, decoder)
+            try:
+                decoder = StreamingMimiDecoder(self.model.codec_model)
+                conv = Conversation(self, row, profile, instructions, sampling or self.sampling, decoder)
+            except Exception:
+                self._free_rows.append(row)  # e.g. instructions the template cannot take: the slot goes back
+                self._free_rows.sort()
+                raise
             self.conversations[conv.id] = conv
         log.info("conversation %s opened (row %d, voice %s)", conv.id, row, profile.name)
         return conv

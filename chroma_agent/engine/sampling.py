@@ -9,7 +9,7 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """`temperature <= 0` means greedy (argmax). `top_k=0` and `top_p=1` switch those filters off."""
+    """`temperature` below 1e-3 means greedy (argmax). `top_k=0` and `top_p=1` switch those filters off."""
 
     temperature: float = 0.0
     top_k: int = 0
@@ -26,7 +26,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        # Dividing logits by a vanishing temperature overflows to inf/NaN; at that point sampling is argmax.
+        return self.temperature < 1e-3
 
 
 class Sampler:
