@@ -83,6 +83,7 @@ class Reply:
     spoken_text: str = ""
     truncate_ms: float | None = None
     frames_heard: int | None = None
+    epoch: int = 0  # the conversation's epoch when the reply was prefilled
 
     def emit(self, event: ResponseEvent) -> None:
         # A closed consumer loop means nobody listens any more; the reply still finishes normally.
@@ -111,6 +112,7 @@ class Conversation:
         self.decoder = decoder
         self.turns: list[Turn] = []
         self.cached = 0  # leading context ids valid in this row's thinker KV cache
+        self.epoch = 0  # bumped whenever the whole context is re-rendered (the cache is then void)
         self.reply: Reply | None = None
         self.last_reply: Reply | None = None
         self.closed = False
@@ -158,6 +160,7 @@ class Conversation:
                     turn.ids = self._expand_audio(turn.ids, turn.feature_mask)
             messages.append(turn.message)
         self.cached = 0
+        self.epoch += 1
 
     def _expand_audio(self, ids: list[int], mask: torch.Tensor) -> list[int]:
         from chroma_agent.model.processor import num_audio_tokens
@@ -310,7 +313,7 @@ class Conversation:
                 conversation=self, loop=loop, queue=asyncio.Queue(), sampler=Sampler(sampling or self.sampling,
                 device=engine.model.device), max_frames=frames, prefill_ids=context[start:],
                 prefill_features=features, prefill_mask=mask, context_start=start, context_len=len(context),
-                turn=turn,
+                turn=turn, epoch=self.epoch,
             )
             self.reply = reply
             engine.submit(reply)
@@ -350,8 +353,10 @@ class Conversation:
     def on_finished(self, reply: Reply, reason: str) -> ResponseDone:
         """Close the assistant turn with what was spoken; returns the final event."""
         chosen = [t for t, _ in reply.state.text] if reply.state else []
-        # Reply ids fed to the thinker sit in the row right after the context; none if prefill never ran.
-        fed = reply.state.thinker_pos - reply.context_len if reply.state else None
+        # Reply ids fed to the thinker sit in the row right after the context; none if prefill never ran or
+        # the context was re-rendered meanwhile (new instructions, removed turns): then the row is void.
+        valid = reply.state is not None and reply.epoch == self.epoch
+        fed = reply.state.thinker_pos - reply.context_len if valid else None
         self._close_turn(reply, self._without_end(chosen), fed)
         if reply.truncate_ms is not None:
             self._apply_truncation(reply, reply.truncate_ms)
@@ -360,13 +365,25 @@ class Conversation:
             frame_steps=list(reply.frame_steps),
         )
 
+    def remove_turns(self, turns: list[Turn]) -> None:
+        """Remove turns from the context (e.g. a deleted conversation item)."""
+        with self.engine.lock:
+            self._check_open()
+            for turn in turns:
+                self.drop_turn(turn)
+
     def drop_turn(self, turn: Turn) -> None:
-        """Forget a turn (a failed reply's); the row's cache stays valid only up to where it began."""
+        """Forget a turn (a deleted item, a failed reply); the row's cache stays valid up to where it began.
+
+        Call with the engine lock held, or through `remove_turns`.
+        """
         index = next((i for i, t in enumerate(self.turns) if t is turn), None)
         if index is None:
             return
         self.cached = min(self.cached, sum(len(t.ids) for t in self.turns[:index]))
         del self.turns[index]
+        if index == 0:  # the template renders the first message differently (a default system prompt)
+            self._rerender()
         if turn.role == "assistant":
             for i in range(len(self.history) - 1, -1, -1):
                 if self.history[i]["role"] == "assistant":

@@ -36,7 +36,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _config(app: FastAPI, settings: ServerSettings, log_level: str) -> uvicorn.Config:
-    return uvicorn.Config(app, log_level=log_level, ws_max_size=settings.max_ws_message_bytes,
+    # uvicorn's own frame limit sits above ours, so an oversized message gets our clear error, not a bare 1009.
+    return uvicorn.Config(app, log_level=log_level, ws_max_size=2 * settings.max_ws_message_bytes,
                           timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S, server_header=False)
 
 
