@@ -31,6 +31,15 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
 
 
+# LiveKit Agents worker commands: livekit-agents' own CLI parses their options (see chroma_agent.worker).
+WORKER_COMMANDS = {
+    "start": "run the LiveKit Agents worker (production)",
+    "dev": "run the LiveKit Agents worker in development mode",
+    "console": "talk to the agent in this terminal (no LiveKit server)",
+    "connect": "join one LiveKit room (--room NAME)",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chroma-agent", description="Voice agents driven by FlashLabs Chroma 1.0")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -79,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="cpu")
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     srv.add_argument("--max-request-mb", type=float, default=50.0, help="largest accepted request body")
+    for name, text in WORKER_COMMANDS.items():
+        sub.add_parser(name, help=f"{text}; see `chroma-agent {name} --help`", add_help=False)
     return parser
 
 
@@ -300,6 +311,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in WORKER_COMMANDS:
+        from chroma_agent.worker import main as worker_main
+
+        return worker_main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

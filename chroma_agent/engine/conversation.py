@@ -256,8 +256,12 @@ class Conversation:
             reply.cancelled = True
             self.engine.wake()
 
-    def truncate(self, heard_ms: float) -> str:
-        """Keep only the part of the last reply the listener heard; returns the kept transcript."""
+    def truncate(self, heard_ms: float) -> str | None:
+        """Keep only the part of the last reply the listener heard; returns the kept transcript.
+
+        A reply still running is cancelled and truncated when it stops: then this returns None and the
+        kept transcript arrives as that reply's `ResponseDone.text`.
+        """
         if heard_ms < 0 or not math.isfinite(heard_ms):
             raise ValueError(f"heard_ms must be a finite number >= 0, got {heard_ms}")
         with self.engine.lock:
@@ -269,7 +273,7 @@ class Conversation:
                 reply.cancelled = True
                 reply.truncate_ms = heard_ms
                 self.engine.wake()
-                return reply.spoken_text
+                return None
             self._apply_truncation(reply, heard_ms)
             return reply.spoken_text
 
@@ -290,6 +294,8 @@ class Conversation:
             self._check_open()
             if self.reply is not None:
                 raise ConversationError("a reply is already in progress; cancel it first")
+            if not self.turns and not instructions:
+                raise ConversationError("the conversation is empty: add a user turn or instructions first")
             if instructions:
                 self._append_turn("system", {"role": "system", "content": instructions}, text=instructions)
             frames = engine.clamp_frames(self.voice, max_frames)

@@ -1,0 +1,25 @@
+from .backend import (
+    Backend,
+    BackendConversation,
+    InProcessBackend,
+    SamplingOverrides,
+    VoiceSpec,
+    close_engines,
+    load_engine,
+    loaded_engines,
+)
+from .realtime_model import RealtimeModel, RealtimeOptions, RealtimeSession
+
+__all__ = [
+    "Backend",
+    "BackendConversation",
+    "InProcessBackend",
+    "RealtimeModel",
+    "RealtimeOptions",
+    "RealtimeSession",
+    "SamplingOverrides",
+    "VoiceSpec",
+    "close_engines",
+    "load_engine",
+    "loaded_engines",
+]
