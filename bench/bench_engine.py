@@ -16,22 +16,21 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import soundfile as sf
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from chroma_agent.engine.engine import Engine, EngineConfig
+from chroma_agent.engine.events import ResponseDone
+from chroma_agent.engine.sampling import SamplingParams
+from chroma_agent.model.chroma import ChromaModel
+from chroma_agent.model.processor import ChromaProcessor
+from chroma_agent.voices import VoiceStore, create_voice_profile
 
-from chroma_agent.engine.engine import Engine, EngineConfig  # noqa: E402
-from chroma_agent.engine.events import ResponseDone  # noqa: E402
-from chroma_agent.engine.sampling import SamplingParams  # noqa: E402
-from chroma_agent.model.chroma import ChromaModel  # noqa: E402
-from chroma_agent.model.processor import ChromaProcessor  # noqa: E402
-from chroma_agent.voices import VoiceStore, create_voice_profile  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 
 async def reply(conv, frames: int) -> ResponseDone:

@@ -46,12 +46,12 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from chroma_agent.engine.generate import AudioFrame, ReplyDone, TextToken, generate_reply
+from chroma_agent.model.chroma import ChromaModel
+from chroma_agent.model.config import ChromaConfig
 
-from chroma_agent.engine.generate import AudioFrame, ReplyDone, TextToken, generate_reply  # noqa: E402
-from chroma_agent.model.chroma import ChromaModel  # noqa: E402
-from chroma_agent.model.config import ChromaConfig  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 DEFAULT_TINY = REPO.parent / "shared" / "fixtures" / "chroma-tiny"
 DEFAULT_FULL_CONFIG = REPO.parent / "shared" / "fixtures" / "chroma-4b-config.json"
