@@ -6,8 +6,8 @@ events are the engine's own (`AudioChunk`, `TextDelta`, `ResponseDone`, `Respons
 the same wherever it was made.
 
 :class:`InProcessBackend` implements them over an :class:`~chroma_agent.engine.engine.Engine` in this
-process. A remote backend (the server's ``/v1/realtime`` WebSocket) will implement the same protocols; the
-session does not change.
+process; :class:`~.remote.RemoteBackend` implements them over a ``chroma-agent serve`` server's
+``/v1/realtime`` WebSocket. The session does not change.
 
 In-process engines are shared: :func:`load_engine` keeps one engine per ``(model, device, dtype)`` for the
 whole process, so every session (and every job of a LiveKit worker using the thread executor) uses the same
@@ -30,7 +30,7 @@ import numpy as np
 from chroma_agent.engine.events import ResponseEvent
 
 from ..log import logger
-from ..models import DEFAULT_MODEL
+from ..models import DEFAULT_MODEL, INPUT_SAMPLE_RATE
 
 if TYPE_CHECKING:
     from chroma_agent.engine.conversation import Conversation
@@ -108,6 +108,11 @@ class BackendConversation(Protocol):
 class Backend(Protocol):
     @property
     def model_name(self) -> str: ...
+
+    @property
+    def input_sample_rate(self) -> int:
+        """The rate `add_user_audio` is best given (the session resamples what it is pushed to it, once)."""
+        ...
 
     def load(self) -> None:
         """Make the backend ready now (blocking): load weights, connect. Idempotent."""
@@ -206,6 +211,8 @@ def close_engines() -> None:
 
 class InProcessBackend:
     """Chroma running in this process: a given `Engine`, or the shared one for (model, device, dtype)."""
+
+    input_sample_rate = INPUT_SAMPLE_RATE  # what the thinker's audio encoder hears
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import weakref
 from collections import deque
@@ -78,8 +79,6 @@ class RealtimeOptions:
     api_key: str | None = field(default=None, repr=False)
 
     def validate(self) -> None:
-        if self.base_url:
-            raise ValueError("remote mode (base_url) is not available yet in this version")
         if self.voice is not None and self.voice_audio is not None:
             raise ValueError("give either voice= (a stored voice or a VoiceProfile) or voice_audio=, "
                              "not both")
@@ -102,6 +101,26 @@ class RealtimeOptions:
             raise ValueError(f"max_sessions must be an integer >= 1, got {self.max_sessions!r}")
         if self.dtype not in (None, "auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.base_url:
+            self._validate_remote()
+
+    def _validate_remote(self) -> None:
+        from .remote import realtime_url
+
+        realtime_url(self.base_url)
+        if self.voice_audio is not None or not isinstance(self.voice, str | None):
+            raise ValueError("remote mode speaks with voices stored on the server: give voice=<name> "
+                             "(the server's voices API creates them)")
+        if self.top_k is not None or self.top_p is not None:
+            raise ValueError("remote mode: top_k and top_p are the server's settings; only temperature can "
+                             "be set")
+        if self.temperature is not None and self.temperature > 2:
+            raise ValueError(f"remote mode: temperature must be in [0, 2] (0 is greedy), "
+                             f"got {self.temperature!r}")
+        local = [n for n in ("device", "dtype", "voices_dir", "max_sessions") if getattr(self, n) is not None]
+        if local:
+            raise ValueError(f"remote mode: {', '.join(local)} configure an in-process engine; the server "
+                             "has its own")
 
     def voice_spec(self) -> VoiceSpec:
         if self.voice_audio is not None:
@@ -126,9 +145,12 @@ def _check_sampling(temperature: float | None, top_k: int | None, top_p: float |
 class RealtimeModel(llm.RealtimeModel):
     """FlashLabs Chroma 1.0, self-hosted speech-to-speech with voice cloning, as a LiveKit realtime model.
 
-    In-process mode (the only one in this version) runs Chroma in this process. Every `RealtimeModel` asking
-    for the same ``(model, device, dtype)`` shares ONE engine (weights, KV caches, batched step loop),
-    loaded on first use or by :meth:`prewarm`; each session takes one of its conversation slots.
+    In-process mode runs Chroma in this process. Every `RealtimeModel` asking for the same
+    ``(model, device, dtype)`` shares ONE engine (weights, KV caches, batched step loop), loaded on first use
+    or by :meth:`prewarm`; each session takes one of its conversation slots.
+
+    Remote mode (``base_url=``) talks to a ``chroma-agent serve`` server over its OpenAI-Realtime-compatible
+    ``/v1/realtime`` WebSocket: one WebSocket (one server conversation slot) per session.
 
     Args:
         model: checkpoint folder or Hugging Face repo id (default ``FlashLabs/Chroma-4B``).
@@ -143,7 +165,11 @@ class RealtimeModel(llm.RealtimeModel):
             latest part is kept).
         device, dtype, voices_dir, max_sessions: how the shared engine is loaded (the first loader wins).
         engine: an existing ``Engine`` to use instead of the shared one.
-        base_url, api_key: remote mode, not available yet (``base_url`` raises ``ValueError``).
+        base_url: remote mode: the server's URL (``http(s)://host:8000`` or ``ws(s)://...``); then ``voice``
+            is a voice stored on the server, only ``temperature`` (0..2) of the sampling can be set, and the
+            in-process settings (``device``, ``dtype``, ``voices_dir``, ``max_sessions``, ``engine``) are
+            refused.
+        api_key: the server's API key (default: ``CHROMA_API_KEY``), sent as ``Authorization: Bearer``.
     """
 
     def __init__(
@@ -183,6 +209,8 @@ class RealtimeModel(llm.RealtimeModel):
                 supports_say=False,
             )
         )
+        if base_url and api_key is None:
+            api_key = os.environ.get("CHROMA_API_KEY") or None
         self._opts = RealtimeOptions(
             model=str(model) if model is not None else ("chroma" if engine is not None else DEFAULT_MODEL),
             voice=voice, voice_audio=voice_audio, voice_text=voice_text, voice_sample_rate=voice_sample_rate,
@@ -192,10 +220,18 @@ class RealtimeModel(llm.RealtimeModel):
         )
         self._opts.validate()
         self._voice = self._opts.voice_spec()
-        self._backend: Backend = InProcessBackend(
-            engine=engine, model=None if model is None else str(model), device=device, dtype=dtype,
-            voices_dir=voices_dir, max_sessions=max_sessions,
-        )
+        self._backend: Backend
+        if base_url:
+            if engine is not None:
+                raise ValueError("give either engine= (in-process) or base_url= (remote), not both")
+            from .remote import RemoteBackend
+
+            self._backend = RemoteBackend(base_url, api_key=self._opts.api_key)
+        else:
+            self._backend = InProcessBackend(
+                engine=engine, model=None if model is None else str(model), device=device, dtype=dtype,
+                voices_dir=voices_dir, max_sessions=max_sessions,
+            )
         self._sessions: weakref.WeakSet[RealtimeSession] = weakref.WeakSet()
 
     @property
@@ -220,7 +256,8 @@ class RealtimeModel(llm.RealtimeModel):
         return getattr(self._backend, "engine", None)
 
     def prewarm(self) -> None:
-        """Load the model now (blocking), e.g. in a LiveKit worker's setup/prewarm function."""
+        """Load the model now (blocking), e.g. in a LiveKit worker's setup/prewarm function; in remote mode,
+        check that the server answers and takes the API key."""
         self._backend.load()
 
     def capacity(self) -> tuple[int, int] | None:
@@ -331,15 +368,16 @@ class RealtimeSession(llm.RealtimeSession):
     """One conversation with Chroma (one engine slot), driven by AgentSession.
 
     Audio: `push_audio` takes frames at any rate and channel count; each stream is resampled once to 16 kHz
-    mono with ``rtc.AudioResampler`` and buffered until `commit_audio` makes it the user's turn (the latest
-    ``max_turn_seconds`` are kept). `clear_audio` drops the buffer.
+    mono (24 kHz in remote mode, the wire's rate) with ``rtc.AudioResampler`` and buffered until
+    `commit_audio` makes it the user's turn (the latest ``max_turn_seconds`` are kept). `clear_audio` drops
+    the buffer.
 
     Replies: `generate_reply` returns an already resolved future; its generation's single message streams
     24 kHz mono `rtc.AudioFrame`s of 1920 samples (80 ms) and the transcript as they are made. All its
     streams close when the reply ends, is interrupted or fails. Failures are ``error`` events
-    (`RealtimeModelError`): recoverable for a failed reply or a full engine (the next reply opens the
-    conversation again), unrecoverable when it can never open (unknown voice, missing checkpoint). Every
-    reply that ran emits ``metrics_collected``.
+    (`RealtimeModelError`): recoverable for a failed reply, a full engine or server, or a lost connection
+    (the next reply opens the conversation again), unrecoverable when it can never open (unknown voice,
+    missing checkpoint, a wrong API key). Every reply that ran emits ``metrics_collected``.
 
     Context: text messages of `update_chat_ctx` become turns of Chroma's context (user, assistant and system
     text). Audio turns exist only as the audio committed here: a chat item carrying audio cannot be added as
@@ -366,6 +404,8 @@ class RealtimeSession(llm.RealtimeSession):
         self._generations: deque[_Generation] = deque(maxlen=16)
         self._reply_message_id: str | None = None  # the backend's latest reply
 
+        # pushed audio is resampled once, to the rate the backend takes
+        self._in_rate = int(getattr(self._backend, "input_sample_rate", INPUT_SAMPLE_RATE))
         self._resampler: rtc.AudioResampler | None = None
         self._in_format: tuple[int, int] | None = None
         self._buffer: deque[np.ndarray] = deque()
@@ -391,8 +431,8 @@ class RealtimeSession(llm.RealtimeSession):
 
     @property
     def pending_audio_seconds(self) -> float:
-        """User audio buffered since the last commit/clear (16 kHz, after resampling)."""
-        return self._buffered / INPUT_SAMPLE_RATE
+        """User audio buffered since the last commit/clear (at the backend's input rate, after resampling)."""
+        return self._buffered / self._in_rate
 
     # --- the serial op queue: everything that touches the conversation runs in order -------------------
 
@@ -449,7 +489,7 @@ class RealtimeSession(llm.RealtimeSession):
     def _emit_open_error(self, exc: BaseException) -> None:
         busy = _is_busy(exc)
         if busy:
-            logger.warning("no free Chroma conversation slot: %s", exc)
+            logger.warning("no Chroma conversation now (the next reply tries again): %s", exc)
         else:
             logger.error("could not open a Chroma conversation: %s", exc)
         self._emit_error(exc, recoverable=busy)
@@ -464,8 +504,8 @@ class RealtimeSession(llm.RealtimeSession):
             self._flush_resampler()
             self._in_format = fmt
             self._resampler = None
-            if frame.sample_rate != INPUT_SAMPLE_RATE:
-                self._resampler = rtc.AudioResampler(frame.sample_rate, INPUT_SAMPLE_RATE,
+            if frame.sample_rate != self._in_rate:
+                self._resampler = rtc.AudioResampler(frame.sample_rate, self._in_rate,
                                                      num_channels=frame.num_channels,
                                                      quality=rtc.AudioResamplerQuality.HIGH)
         if self._resampler is None:
@@ -490,7 +530,7 @@ class RealtimeSession(llm.RealtimeSession):
             mono = samples.astype(np.float32) / np.float32(32768.0)
         self._buffer.append(mono)
         self._buffered += mono.size
-        limit = int(self._opts.max_turn_seconds * INPUT_SAMPLE_RATE)
+        limit = int(self._opts.max_turn_seconds * self._in_rate)
         if self._buffered > limit:
             self._warn_once("turn_cap", "a user turn is longer than max_turn_seconds=%g; "
                             "keeping its latest part", self._opts.max_turn_seconds)
@@ -513,8 +553,8 @@ class RealtimeSession(llm.RealtimeSession):
         pcm = self._take_audio()
         if self._closed:
             return
-        if pcm.size < MIN_COMMIT_S * INPUT_SAMPLE_RATE:
-            logger.debug("commit_audio: %.3f s of audio is no turn; ignored", pcm.size / INPUT_SAMPLE_RATE)
+        if pcm.size < MIN_COMMIT_S * self._in_rate:
+            logger.debug("commit_audio: %.3f s of audio is no turn; ignored", pcm.size / self._in_rate)
             return
         message = llm.ChatMessage(role="user", content=[], id=utils.shortuuid("chroma_user_"))
         previous = self._items[-1].message.id if self._items else None
@@ -527,10 +567,10 @@ class RealtimeSession(llm.RealtimeSession):
             try:
                 if conv is None:
                     raise llm.RealtimeError("no Chroma conversation")
-                await conv.add_user_audio(pcm, INPUT_SAMPLE_RATE)
+                await conv.add_user_audio(pcm, self._in_rate)
             except Exception as exc:
                 self._remove_item(item)
-                seconds = pcm.size / INPUT_SAMPLE_RATE
+                seconds = pcm.size / self._in_rate
                 logger.warning("the user's turn (%.1f s) was not added: %s", seconds, exc)
                 if conv is not None:
                     self._emit_error(exc, recoverable=True)
@@ -882,5 +922,6 @@ class RealtimeSession(llm.RealtimeSession):
 
 
 def _is_busy(exc: BaseException) -> bool:
-    return type(exc).__name__ == "EngineBusyError"
+    """A failure to open that a later try may not meet: a full engine or server, a connection error."""
+    return type(exc).__name__ == "EngineBusyError" or (isinstance(exc, APIError) and exc.retryable)
 
