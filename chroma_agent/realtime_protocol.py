@@ -302,6 +302,12 @@ class AudioConfig(_Model):
 MaxTokens = Union[int, Literal["inf"]]  # noqa: UP007 - pydantic needs a runtime union on 3.10
 
 
+def _positive_tokens(cls, v):
+    if isinstance(v, int) and v < 1:
+        raise ValueError("must be >= 1 or 'inf'")
+    return v
+
+
 class SessionConfig(_Model):
     """``session`` of ``session.update``: GA fields (nested ``audio``) and beta fields (flat), both accepted."""
 
@@ -322,12 +328,7 @@ class SessionConfig(_Model):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
 
-    @field_validator("max_output_tokens", "max_response_output_tokens")
-    @classmethod
-    def _positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be >= 1 or 'inf'")
-        return v
+    _positive = field_validator("max_output_tokens", "max_response_output_tokens")(_positive_tokens)
 
 
 class ContentPart(_Model):
@@ -379,12 +380,7 @@ class ResponseParams(_Model):
                 raise ValueError("keys are at most 64 characters and values at most 512")
         return v
 
-    @field_validator("max_output_tokens", "max_response_output_tokens")
-    @classmethod
-    def _positive(cls, v):
-        if isinstance(v, int) and v < 1:
-            raise ValueError("must be >= 1 or 'inf'")
-        return v
+    _positive = field_validator("max_output_tokens", "max_response_output_tokens")(_positive_tokens)
 
 
 class _Event(_Model):
