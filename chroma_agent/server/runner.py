@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 # Streams still open at shutdown get this long to finish before their connections are dropped.
 _GRACEFUL_SHUTDOWN_S = 5
+# Kernel send buffer of every accepted connection (inherited from the listening socket). Loopback and LAN
+# autotuning grows it to megabytes: a minute of streamed audio that a stalled client would never hear, while
+# the engine keeps generating to fill it. 256 KiB is ~4 s of base64 PCM16 at 24 kHz.
+_SEND_BUFFER_BYTES = 256 * 1024
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -27,6 +31,7 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
         sock.bind(address)
         sock.listen(2048)
     except OSError:
