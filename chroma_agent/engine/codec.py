@@ -63,7 +63,47 @@ def _start_padding(x: torch.Tensor, width: int, mode: str) -> torch.Tensor:
     raise ValueError(f"unsupported pad_mode {mode!r} for streaming")
 
 
-class _StreamingConv1d:
+class _RowState:
+    """Per-row state that can be narrowed to some rows for a call and widened back afterwards.
+
+    `_state` names the attributes holding state (tensors, or lists of tensors, with the batch on dim 0; None
+    until first use) and the value an untouched row starts with. A batched engine decodes only the rows that
+    made a frame this step; the other rows' streams must not move.
+    """
+
+    _state: dict[str, float | bool] = {}
+
+    def narrow_state(self, rows: list[int]) -> dict[str, object]:
+        full = {}
+        for name in self._state:
+            value = getattr(self, name)
+            full[name] = value
+            if isinstance(value, list):
+                setattr(self, name, [v[rows] for v in value])
+            elif value is not None:
+                setattr(self, name, value[rows])
+        return full
+
+    def widen_state(self, rows: list[int], full: dict[str, object], batch: int) -> None:
+        for name, fill in self._state.items():
+            part = getattr(self, name)
+            if part is None:
+                setattr(self, name, full[name])
+            elif isinstance(part, list):
+                whole = full[name] or [None] * len(part)
+                setattr(self, name, [_scatter(w, p, rows, batch, fill) for w, p in zip(whole, part, strict=True)])
+            else:
+                setattr(self, name, _scatter(full[name], part, rows, batch, fill))
+
+
+def _scatter(whole: torch.Tensor | None, part: torch.Tensor, rows: list[int], batch: int, fill) -> torch.Tensor:
+    if whole is None:  # first use happened on a subset: the other rows get a fresh stream's state
+        whole = part.new_full((batch, *part.shape[1:]), fill)
+    whole[rows] = part
+    return whole
+
+
+class _StreamingConv1d(_RowState):
     """A causal `MimiConv1d` keeping its last (kernel - 1) * dilation input samples as the next left context.
 
     The whole-sequence decode pads the start on the left; here only a stream's first chunk gets that padding,
@@ -85,6 +125,8 @@ class _StreamingConv1d:
         self.context = (conv.kernel_size[0] - 1) * conv.dilation[0]
         self.history: torch.Tensor | None = None  # [B, C_in, context], None until the first chunk
         self.fresh: torch.Tensor | None = None  # [B] bool: row has not seen a chunk since its reset
+
+    _state = {"history": 0.0, "fresh": True}
 
     def reset(self, rows: list[int] | None) -> None:
         if rows is None or self.history is None:
@@ -111,7 +153,7 @@ class _StreamingConv1d:
         return self.conv(window)
 
 
-class _StreamingConvTranspose1d:
+class _StreamingConvTranspose1d(_RowState):
     """A causal `MimiConvTranspose1d` that carries its overlap-add tail into the next chunk.
 
     A transposed convolution spreads each input sample over `kernel` outputs, so the last (kernel - stride)
@@ -131,6 +173,8 @@ class _StreamingConvTranspose1d:
         self.conv = conv
         self.stride = conv.stride[0]
         self.tail: torch.Tensor | None = None  # [B, C_out, overlap], None until the first chunk
+
+    _state = {"tail": 0.0}
 
     def reset(self, rows: list[int] | None) -> None:
         if rows is None or self.tail is None:
@@ -211,7 +255,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-class _StreamingTransformer:
+class _StreamingTransformer(_RowState):
     """The decoder's `MimiTransformerModel` run a few positions at a time over a key/value cache.
 
     The offline model lets position p attend to positions p - window + 1 .. p, so the cache keeps the last
@@ -231,6 +275,8 @@ class _StreamingTransformer:
         self.values: list[torch.Tensor] | None = None
         self.key_positions: torch.Tensor | None = None  # [B, slots]
         self.offset: torch.Tensor | None = None  # [B] next position per row
+
+    _state = {"keys": 0.0, "values": 0.0, "key_positions": _EMPTY_POSITION, "offset": 0}
 
     def reset(self, rows: list[int] | None) -> None:
         if rows is None or self.keys is None:
@@ -362,6 +408,17 @@ class StreamingMimiDecoder:
         parts = [self._upsample, self._transformer, *self._seanet]
         return [part for part in parts if part is not None and not isinstance(part, nn.Module)]
 
+    def _leaves(self) -> list[_RowState]:
+        leaves: list[_RowState] = []
+        for part in self._stateful():
+            if isinstance(part, _StreamingResnetBlock):
+                leaves += [s for s in part.steps if isinstance(s, _RowState)]
+                if part.shortcut is not None:
+                    leaves.append(part.shortcut)
+            else:
+                leaves.append(part)
+        return leaves
+
     @torch.inference_mode()
     def reset(self, rows: list[int] | None = None) -> None:
         """Start new streams: all rows, or only `rows`, leaving the others' streams untouched.
@@ -376,19 +433,38 @@ class StreamingMimiDecoder:
             part.reset(index)
 
     @torch.inference_mode()
-    def decode(self, codes: torch.LongTensor) -> torch.Tensor:
-        """Audio for the next frames of every row's stream: codes [B, K, T] -> waveform [B, T * 1920].
+    def decode(self, codes: torch.LongTensor, rows: list[int] | None = None) -> torch.Tensor:
+        """Audio for the next frames of the streams: codes [B, K, T] -> waveform [B, T * 1920].
 
+        With `rows`, codes hold only those rows (in that order) and every other row's stream stays where it
+        was, so a batched engine decodes just the conversations that made a frame this step in one call.
         Only the new frames are passed; what earlier frames contribute is in the carried state. Codes must
         already be valid codebook indices (0..2047): Chroma's special values (2048+) are the caller's to strip
         or clamp.
         """
         if codes.dim() != 3:
             raise ValueError(f"codes must be [batch, codebooks, frames], got shape {tuple(codes.shape)}")
-        if codes.shape[0] != self.batch_size:
-            raise ValueError(f"codes have {codes.shape[0]} rows, the decoder was built for {self.batch_size}")
         if codes.shape[-1] < 1:
             raise ValueError("decode needs at least one frame")
+        if rows is None:
+            if codes.shape[0] != self.batch_size:
+                raise ValueError(f"codes have {codes.shape[0]} rows, the decoder was built for {self.batch_size}")
+            return self._decode(codes)
+        rows = list(rows)
+        if len(set(rows)) != len(rows) or len(rows) != codes.shape[0]:
+            raise ValueError(f"rows {rows} must be distinct and match the {codes.shape[0]} rows of codes")
+        _row_index(rows, self.batch_size)
+        if len(rows) == self.batch_size and rows == sorted(rows):
+            return self._decode(codes)
+        leaves = self._leaves()
+        saved = [leaf.narrow_state(rows) for leaf in leaves]
+        try:
+            return self._decode(codes)
+        finally:
+            for leaf, full in zip(leaves, saved, strict=True):
+                leaf.widen_state(rows, full, self.batch_size)
+
+    def _decode(self, codes: torch.LongTensor) -> torch.Tensor:
         codes = codes.to(device=self._quantizer_device(), dtype=torch.long)
         latents = self._quantizer.decode(codes)  # [B, hidden, T]
         hidden = self._upsample.step(latents) if self._upsample is not None else latents

@@ -33,7 +33,6 @@ from chroma_agent.engine.step import ReplyState
 from chroma_agent.voices import VoiceProfile
 
 if TYPE_CHECKING:
-    from chroma_agent.engine.codec import StreamingMimiDecoder
     from chroma_agent.engine.engine import Engine
 
 FRAME_MS = 80.0
@@ -101,7 +100,6 @@ class Conversation:
         voice: VoiceProfile,
         instructions: str | None,
         sampling: SamplingParams,
-        decoder: StreamingMimiDecoder,
     ):
         self.id = uuid.uuid4().hex[:12]
         self.engine = engine
@@ -109,7 +107,6 @@ class Conversation:
         self.voice = voice
         self.sampling = sampling
         self.instructions = instructions
-        self.decoder = decoder
         self.turns: list[Turn] = []
         self.cached = 0  # leading context ids valid in this row's thinker KV cache
         self.epoch = 0  # bumped whenever the whole context is re-rendered (the cache is then void)

@@ -16,7 +16,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from chroma_agent.engine.codec import StreamingMimiDecoder
@@ -80,6 +79,8 @@ class Engine:
         self.backbone_cache = model.backbone.model.new_cache(cfg.max_sessions, cfg.backbone_context, dtype=dtype,
                                                              device=device)
         self._decoder_caches: dict[int, KVCache] = {}
+        # One streaming Mimi decoder for all rows: each step decodes the frames of every reply in one call.
+        self.codec = StreamingMimiDecoder(model.codec_model, batch_size=cfg.max_sessions)
         self._voice_kv: OrderedDict[str, tuple[KVCache, int]] = OrderedDict()
         self.turn_end_ids = self._turn_end_ids()
 
@@ -217,8 +218,7 @@ class Engine:
                 self._slot_freed.wait(remaining)
             row = self._free_rows.pop(0)
             try:
-                decoder = StreamingMimiDecoder(self.model.codec_model)
-                conv = Conversation(self, row, profile, instructions, sampling or self.sampling, decoder)
+                conv = Conversation(self, row, profile, instructions, sampling or self.sampling)
             except Exception:
                 self._free_rows.append(row)  # e.g. instructions the template cannot take: the slot goes back
                 self._free_rows.sort()
@@ -292,7 +292,7 @@ class Engine:
             self._fail(reply, exc)
             return
         reply.prefill_ms = (time.perf_counter() - t0) * 1000
-        conv.decoder.reset()
+        self.codec.reset([conv.row])
         self._detok[id(reply)] = _Detokenizer(lambda ids: self.processor.decode_text(ids, skip_special_tokens=True))
         self._push_text(reply, reply.state.token, 0)
         self._running.append(reply)
@@ -322,18 +322,22 @@ class Engine:
                     replies = [r for r in replies if r is not reply]
         self.stats["steps"] += 1
         top = self.model.config.codebook_size - 1
+        voiced = [(reply, out) for reply, out in zip(replies, outputs, strict=True) if out.frame is not None]
+        pcm = None
+        if voiced:
+            codes = torch.stack([out.frame for _, out in voiced]).clamp(0, top).to(self.model.device)[..., None]
+            pcm = self.codec.decode(codes, rows=[r.conversation.row for r, _ in voiced]).float().cpu().numpy()
+        audio = {id(reply): pcm[i] for i, (reply, _) in enumerate(voiced)}
         for reply, out in zip(replies, outputs, strict=True):
             if out.new_token is not None:
                 self._push_text(reply, out.new_token, reply.frames_produced)
             if out.frame is not None:
-                codes = out.frame.clamp(0, top).to(self.model.device).reshape(1, -1, 1)
-                pcm = reply.conversation.decoder.decode(codes)[0].float().cpu().numpy()
                 index = reply.frames_produced
                 reply.frames_produced += 1
                 reply.frame_steps.append(out.step)
                 if reply.first_audio_at is None:
                     reply.first_audio_at = time.perf_counter()
-                reply.emit(AudioChunk(pcm.astype(np.float32, copy=False), index, index * FRAME_MS, out.frame.numpy()))
+                reply.emit(AudioChunk(audio[id(reply)], index, index * FRAME_MS, out.frame.numpy()))
                 self.stats["frames"] += 1
             if reply.state.finished:
                 self._finish(reply, "completed" if reply.state.finished == "eos" else reply.state.finished)
