@@ -3,7 +3,7 @@
 Each conversation holds one row of two static KV caches (thinker and backbone). A dedicated thread
 starts replies (prefilling only the new part of a conversation and copying the voice's precomputed
 backbone prefix into the row), then advances all running replies together, one frame per step, and
-decodes each frame with the conversation's streaming Mimi decoder. Replies may run ahead of their
+decodes the frames of all replies in one streaming Mimi call. Replies may run ahead of their
 consumer by `lookahead_s`; cancelled replies stop before the next step.
 """
 
