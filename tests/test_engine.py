@@ -333,3 +333,25 @@ def test_memory_stays_flat_over_1000_short_turns(parts, tmp_path, voice):
         assert rss[1] - rss[0] < 50 * 1024  # KiB: no growth beyond noise after warm-up
     finally:
         eng.close()
+
+
+def test_mixed_user_message_is_one_turn_like_the_reference(engine, voice, user_audio):
+    """Text and audio parts of one message stay one user turn: the same ids the processor gives the whole."""
+    conv = engine.open_conversation(voice, "You are Chroma.")
+    conv.add_user_message(["Listen to this: ", user_audio, " What did I say?"])
+    assert [t.role for t in conv.turns] == ["system", "user"]
+    messages = [
+        {"role": "system", "content": "You are Chroma."},
+        {"role": "user", "content": [
+            {"type": "text", "text": "Listen to this: "},
+            {"type": "audio", "audio": user_audio[0], "sample_rate": user_audio[1]},
+            {"type": "text", "text": " What did I say?"},
+        ]},
+    ]
+    expected = engine.processor.encode_messages(messages)
+    rendered = conv.context_ids + engine.processor.tokenizer(
+        "<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    assert rendered == expected.input_ids[0].tolist()
+    assert conv.history[-1]["text"] == "Listen to this:  What did I say?"
+    with pytest.raises(ValueError, match="empty"):
+        conv.add_user_message(["   "])

@@ -173,12 +173,31 @@ class Conversation:
 
     def add_user_audio(self, pcm: np.ndarray | bytes, sample_rate: int) -> None:
         """A user turn spoken as audio (any rate, mono or [samples, channels]; int16 or float)."""
-        clip = load_audio(pcm, self.engine.processor.audio_sample_rate, sample_rate=sample_rate,
-                          allow_paths=False, max_seconds=self.engine.config.max_user_audio_s)
-        message = {"role": "user", "content": [{"type": "audio", "audio": "<clip>"}]}
+        self.add_user_message([(pcm, sample_rate)])
+
+    def add_user_message(self, parts: list[str | tuple[np.ndarray | bytes, int]]) -> None:
+        """One user turn of text and audio parts in order (text as str, audio as (pcm, sample_rate)).
+
+        The chat template renders them inside one user message, as the reference does for a message with
+        several content parts.
+        """
+        rate = self.engine.processor.audio_sample_rate
+        content: list[dict[str, str]] = []
+        clips: list[np.ndarray] = []
+        for part in parts:
+            if isinstance(part, str):
+                content.append({"type": "text", "text": part})
+            else:
+                pcm, sample_rate = part
+                clips.append(load_audio(pcm, rate, sample_rate=sample_rate, allow_paths=False,
+                                        max_seconds=self.engine.config.max_user_audio_s))
+                content.append({"type": "audio", "audio": "<clip>"})
+        text = "".join(p["text"] for p in content if p["type"] == "text")
+        if not clips and not text.strip():
+            raise ValueError("user message is empty")
         with self.engine.lock:
             self._check_open()
-            self._append_turn("user", message, clips=[clip])
+            self._append_turn("user", {"role": "user", "content": content}, clips=clips, text=text)
 
     def add_user_text(self, text: str) -> None:
         if not isinstance(text, str) or not text.strip():

@@ -140,6 +140,11 @@ class ChromaProcessor:
             )
         self.audio_token_id = int(token_id)
 
+    @property
+    def min_audio_samples(self) -> int:
+        """The shortest clip the audio encoder takes: its stride-2 conv and pooling need 3 mel frames."""
+        return 2 * self.hop_length + 1
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ChromaProcessor:
         """Load from a local checkpoint folder (nothing is downloaded)."""
@@ -328,7 +333,7 @@ class ChromaProcessor:
                 if count < 1:  # the encoder's stride-2 conv and pooling need 3 mel frames for one output
                     raise AudioError(
                         f"audio part {k}: audio is too short ({len(clips[k - 1])} samples; at least "
-                        f"{2 * self.hop_length + 1} at {self.audio_sample_rate} Hz)"
+                        f"{self.min_audio_samples} at {self.audio_sample_rate} Hz)"
                     )
             expanded: list[int] = []
             clip_iter = iter(counts)

@@ -129,7 +129,7 @@ class _Turn:
     role: str  # system, user or assistant
     where: str  # the request field it came from, for error messages
     text: str | None = None
-    audio: np.ndarray | None = None  # user audio at the processor's rate
+    parts: list[str | np.ndarray] | None = None  # a user message: text and audio (at the processor's rate)
 
 
 @dataclass
@@ -189,8 +189,8 @@ def _turns(engine: Engine, settings: ServerSettings,
            body: ChatCompletionRequest) -> tuple[str | None, list[_Turn]]:
     """The instructions (a leading system message) and the other messages as conversation turns.
 
-    Consecutive text parts of a message form one turn, as the chat template joins them; each audio part (the
-    schema allows them in user messages only) is a user turn of its own: a turn holds text or audio, not both.
+    A user message is one turn holding its text and audio parts in order (the chat template renders them in
+    one user block, as the reference does); consecutive text parts are joined, as the template joins them.
     """
     rate = engine.processor.audio_sample_rate
     audio_token = engine.processor.audio_token
@@ -203,30 +203,34 @@ def _turns(engine: Engine, settings: ServerSettings,
         parts = [(f"{where}.content", TextPart(type="text", text=content))] if isinstance(content, str) else [
             (f"{where}.content[{j}]", part) for j, part in enumerate(content)
         ]
-        pending: list[_Turn] = []
-        text = ""
+        pieces: list[str | np.ndarray] = []
         for part_where, part in parts:
             if isinstance(part, TextPart):
                 if audio_token in part.text:
                     raise APIError(400, f"{part_where}: text must not contain {audio_token}", param=part_where)
-                text += part.text
-                continue
-            if text.strip():
-                pending.append(_Turn(role, f"{where}.content", text=text))
-                text = ""
-            if isinstance(part, AudioPart):
-                clip = load_request_audio(part.audio, rate, part_where, settings)
-            else:  # OpenAI's input_audio is base64 by definition: never a path
-                clip = load_request_audio(part.input_audio.data, rate, part_where, settings, allow_paths=False)
-            pending.append(_Turn("user", part_where, audio=clip))
-        if text.strip() or (role == "assistant" and not pending):
-            pending.append(_Turn(role, f"{where}.content", text=text))
-        if not pending:
+                if pieces and isinstance(pieces[-1], str):
+                    pieces[-1] += part.text
+                else:
+                    pieces.append(part.text)
+            else:
+                if isinstance(part, AudioPart):
+                    clip = load_request_audio(part.audio, rate, part_where, settings)
+                else:  # OpenAI's input_audio is base64 by definition: never a path
+                    clip = load_request_audio(part.input_audio.data, rate, part_where, settings, allow_paths=False)
+                if len(clip) < engine.processor.min_audio_samples:
+                    raise APIError(400, f"{part_where}: audio is too short ({len(clip)} samples at {rate} Hz; at "
+                                   f"least {engine.processor.min_audio_samples})", param=part_where)
+                pieces.append(clip)
+        text = "".join(p for p in pieces if isinstance(p, str))
+        has_audio = any(not isinstance(p, str) for p in pieces)
+        if not has_audio and not text.strip() and role != "assistant":
             raise APIError(400, f"{where}.content is empty", param=f"{where}.content")
         if i == 0 and role == "system":
-            instructions = pending[0].text
+            instructions = text
+        elif role == "user":
+            turns.append(_Turn(role, f"{where}.content", parts=[p for p in pieces if not isinstance(p, str) or p]))
         else:
-            turns.extend(pending)
+            turns.append(_Turn(role, f"{where}.content", text=text))
     return instructions, turns
 
 
@@ -261,11 +265,10 @@ def _open(engine: Engine, plan: _Plan, wait_s: float) -> Conversation:
                        headers={"Retry-After": "1"}) from None
     turn: _Turn | None = None
     try:
+        rate = engine.processor.audio_sample_rate
         for turn in plan.turns:
-            if turn.audio is not None:
-                conv.add_user_audio(turn.audio, engine.processor.audio_sample_rate)
-            elif turn.role == "user":
-                conv.add_user_text(turn.text)
+            if turn.role == "user":
+                conv.add_user_message([p if isinstance(p, str) else (p, rate) for p in turn.parts])
             elif turn.role == "system":
                 conv.add_system_text(turn.text)
             else:

@@ -734,12 +734,12 @@ class RealtimeConnection:
             raise ProtocolError(ErrorCode.DUPLICATE_ITEM_ID, f"an item with id {item.id!r} already exists",
                                 param="item.id", event_id=eid)
         calls, content, texts = [], [], []
+        user_parts: list = []
         conv = self.conv
 
         def flush_text():
             if texts:
-                fn = {"user": conv.add_user_text, "system": conv.add_system_text,
-                      "assistant": conv.add_assistant_text}[item.role]
+                fn = {"system": conv.add_system_text, "assistant": conv.add_assistant_text}[item.role]
                 calls.append((fn, ("\n".join(texts),)))
                 texts.clear()
 
@@ -754,9 +754,8 @@ class RealtimeConnection:
                 if audio_ms(len(pcm)) < MIN_COMMIT_MS:
                     raise ProtocolError(ErrorCode.INVALID_AUDIO, f"audio must be at least {MIN_COMMIT_MS}ms long",
                                         param=f"{param}.audio", event_id=eid)
-                flush_text()
                 rate = self.engine.processor.audio_sample_rate
-                calls.append((conv.add_user_audio, (resample(pcm16_to_float(pcm), SAMPLE_RATE, rate), rate)))
+                user_parts.append((resample(pcm16_to_float(pcm), SAMPLE_RATE, rate), rate))
                 content.append(self.events.user_audio_content(part.transcript))
                 continue
             allowed = {"user": ("input_text",), "system": ("input_text",),
@@ -770,14 +769,18 @@ class RealtimeConnection:
                 what = "transcript" if kind in ("output_audio", "audio") else "text"
                 raise ProtocolError(ErrorCode.MISSING_PARAMETER, f"a {kind} part needs a non-empty '{what}'",
                                     param=f"{param}.{what}", event_id=eid)
-            texts.append(text)
             if item.role == "user":
+                user_parts.append(text)
                 content.append(self.events.user_text_content(text))
-            elif item.role == "system":
+                continue
+            texts.append(text)
+            if item.role == "system":
                 content.append(self.events.system_text_content(text))
             else:
                 content.append(self.events.assistant_text_content(text))
         flush_text()
+        if user_parts:  # one user turn, its parts in order, as the chat template renders a message
+            calls.append((conv.add_user_message, (user_parts,)))
         try:
             turns = await asyncio.to_thread(self._add_turns, calls)
         except (ValueError, ConversationError) as exc:
