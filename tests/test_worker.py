@@ -6,24 +6,16 @@ only asked for its help text (or replaced by a stub that records what it would h
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from livekit.agents import JobExecutorType
+from livekit.plugins import chroma
 
-REPO = Path(__file__).resolve().parents[1]
-if importlib.util.find_spec("livekit.plugins.chroma") is None:  # not installed yet: use the source tree
-    sys.path.insert(0, str(REPO / "plugin"))
-
-from livekit.agents import JobExecutorType  # noqa: E402
-from livekit.plugins import chroma  # noqa: E402
-
-from chroma_agent import worker  # noqa: E402
-from chroma_agent.worker_config import (  # noqa: E402
+from chroma_agent import worker
+from chroma_agent.worker_config import (
     DEFAULT_INSTRUCTIONS,
     CallSettings,
     ConfigError,

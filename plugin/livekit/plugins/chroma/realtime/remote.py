@@ -514,7 +514,7 @@ class RemoteBackend:
         url = urlunsplit((scheme, parts.netloc, base + "/v1/models", "", ""))
         request = urllib.request.Request(url, headers=self._headers())
         try:
-            with urllib.request.urlopen(request, timeout=self.connect_timeout) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=self.connect_timeout) as response:
                 body = json.loads(response.read() or b"{}")
         except urllib.error.HTTPError as exc:
             raise _status_error(self.display_url, exc.code) from None
