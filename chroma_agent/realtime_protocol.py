@@ -439,7 +439,7 @@ class ResponseCancel(_Event):
     response_id: str | None = None
 
 
-ClientEvent = Union[  # noqa: UP007
+ClientEvent = Union[  # noqa: UP007 - a runtime union for pydantic on 3.10
     SessionUpdate, InputAudioBufferAppend, InputAudioBufferCommit, InputAudioBufferClear, ConversationItemCreate,
     ConversationItemTruncate, ConversationItemDelete, ConversationItemRetrieve, ResponseCreate, ResponseCancel,
 ]
