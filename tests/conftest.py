@@ -45,6 +45,24 @@ def golden_outputs(golden_dir: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
+def case(golden_dir: Path) -> dict:
+    """The golden case's case.json: messages, voice transcript, expected text."""
+    import json
+
+    return json.loads((golden_dir / "case.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def user_pcm16(golden_dir: Path) -> np.ndarray:
+    """The golden user turn (user1.wav) as int16 samples at 16 kHz."""
+    import soundfile as sf
+
+    audio, rate = sf.read(str(golden_dir / "user1.wav"), dtype="int16")
+    assert rate == 16000
+    return audio
+
+
+@pytest.fixture(scope="session")
 def params_tsv(tiny_dir: Path) -> Path:
     return tiny_dir.parent / "chroma-4b-params.tsv"
 

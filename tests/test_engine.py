@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import json
 import time
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from chroma_agent.engine import engine as engine_module
 from chroma_agent.engine.conversation import ConversationError
@@ -29,14 +27,8 @@ def parts(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir) -> dict:
-    return json.loads((golden_dir / "case.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def user_audio(golden_dir) -> tuple[np.ndarray, int]:
-    audio, rate = sf.read(str(golden_dir / "user1.wav"), dtype="int16")
-    return audio, rate
+def user_audio(user_pcm16) -> tuple[np.ndarray, int]:
+    return user_pcm16, 16000
 
 
 @pytest.fixture()

@@ -11,14 +11,12 @@ context, metrics) is AgentSession's own code.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
 
 import numpy as np
 import pytest
-import soundfile as sf
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, llm, utils
 from livekit.agents.metrics import RealtimeModelMetrics
@@ -147,15 +145,8 @@ class RecordingAgent(Agent):
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir) -> dict:
-    return json.loads((golden_dir / "case.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def user_audio(golden_dir) -> np.ndarray:
-    audio, rate = sf.read(str(golden_dir / "user1.wav"), dtype="int16")
-    assert rate == 16000
-    return audio
+def user_audio(user_pcm16) -> np.ndarray:
+    return user_pcm16
 
 
 @pytest.fixture()

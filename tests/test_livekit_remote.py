@@ -11,7 +11,6 @@ when the plugin's ``temperature=0`` reaches the server and the server decodes gr
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import socket
@@ -19,7 +18,6 @@ import time
 
 import numpy as np
 import pytest
-import soundfile as sf
 from livekit import rtc
 from livekit.agents import AgentSession, APIConnectionError, APIStatusError, llm
 from livekit.agents.metrics import RealtimeModelMetrics
@@ -58,15 +56,8 @@ NOT_GREEDY = SamplingParams(temperature=1.0, top_k=50)
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir) -> dict:
-    return json.loads((golden_dir / "case.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def user_audio(golden_dir) -> np.ndarray:
-    audio, rate = sf.read(str(golden_dir / "user1.wav"), dtype="int16")
-    assert rate == 16000
-    return audio
+def user_audio(user_pcm16) -> np.ndarray:
+    return user_pcm16
 
 
 @pytest.fixture()

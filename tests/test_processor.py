@@ -26,11 +26,6 @@ def processor(tiny_dir: Path) -> ChromaProcessor:
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir: Path) -> dict[str, Any]:
-    return json.loads((golden_dir / "case.json").read_text())
-
-
-@pytest.fixture(scope="module")
 def golden_thinker(processor: ChromaProcessor, case: dict[str, Any], golden_dir: Path) -> ThinkerInputs:
     return processor.encode_messages(case["messages"], base_dir=golden_dir)
 

@@ -45,11 +45,6 @@ def serve(make_engine):
 
 
 @pytest.fixture(scope="module")
-def case(golden_dir) -> dict:
-    return json.loads((golden_dir / "case.json").read_text())
-
-
-@pytest.fixture(scope="module")
 def golden_text(case) -> str:
     return case["thinker_text"].replace("<|im_end|>", "")
 
