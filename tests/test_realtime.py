@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import uvicorn
 import websockets
+from conftest import engine_sessions
 from fastapi import FastAPI
 
 from chroma_agent.audio import load_audio, pcm16_to_float, resample, to_pcm16
@@ -288,19 +289,19 @@ def test_openai_sdk_two_turns_with_barge_in(serve, user_pcm, golden_voice):
     audio1, text1, streamed2, kept = asyncio.run(asyncio.wait_for(run(), 120))
 
     assert kept and streamed2.startswith(kept)  # the kept transcript was spoken in the first 160 ms
-    assert wait_until(lambda: srv.engine.free_slots == 4 and not srv.engine.conversations, 5)
+    assert wait_until(lambda: srv.engine.free_slots == 4 and srv.engine.live_sessions == 0, 5)
 
     # The same conversation run on the engine directly: the server streamed exactly what the engine produces
     # (sample for sample), and kept exactly what the engine keeps when the listener heard 160 ms of turn 2.
     async def reference():
-        conv = srv.engine.open_conversation(golden_voice, INSTRUCTIONS)
+        conv = await srv.engine.open_conversation(golden_voice, INSTRUCTIONS)
         clip = resample(pcm16_to_float(user_pcm), 24000, 16000)
-        conv.add_user_audio(clip, 16000)
+        await conv.add_user_audio(clip, 16000)
         turn1 = [ev async for ev in conv.respond(max_frames=frames)]
-        conv.add_user_audio(clip, 16000)
+        await conv.add_user_audio(clip, 16000)
         [ev async for ev in conv.respond(max_frames=frames)]
-        kept_ref = conv.truncate(160)
-        conv.close()
+        kept_ref = await conv.truncate(160)
+        await conv.close()
         return turn1, kept_ref
 
     turn1, kept_ref = asyncio.run(reference())
@@ -386,7 +387,7 @@ def test_livekit_plugin_two_turns_with_barge_in(serve, golden_dir):
                 # what the server kept: the plugin's mirror of the conversation and the engine's context
                 ids = [item.id for item in session.chat_ctx.items]
                 assert msg1.message_id in ids and msg2.message_id in ids and msg3.message_id in ids
-                conv = next(iter(srv.engine.conversations.values()))
+                (conv,) = engine_sessions(srv.engine)
                 assistant = [t for t in conv.turns if t.role == "assistant"]
                 assert [t.role for t in conv.turns] == ["system", "user", "assistant", "user", "assistant",
                                                         "assistant"]
@@ -506,7 +507,7 @@ def test_response_create_while_active_and_item_delete(serve):
             done = await recv_until(ws, "response.done", seen=seen)
             assert done["response"]["status"] == "cancelled"
             assert any(e["type"] == "conversation.item.deleted" and e["item_id"] == item_id for e in seen)
-            conv = next(iter(srv.engine.conversations.values()))
+            (conv,) = engine_sessions(srv.engine)
             assert [t.role for t in conv.turns] == ["system", "user"]
             # delete a past item: the context drops it, and a new reply works on what is left
             await send(ws, ClientEvents.conversation_item_delete("s1"))
@@ -598,7 +599,7 @@ def test_disconnect_mid_reply_frees_the_slot(serve):
 
     asyncio.run(asyncio.wait_for(run(), 60))
     t0 = time.monotonic()
-    assert wait_until(lambda: srv.engine.free_slots == 4 and not srv.engine.conversations, 2.0)
+    assert wait_until(lambda: srv.engine.free_slots == 4 and srv.engine.live_sessions == 0, 2.0)
     assert wait_until(lambda: srv.engine.queued_replies == 0 and srv.engine.stats["replies"] == 1, 2.0)
     metrics = srv.app.state.metrics
     assert wait_until(lambda: metrics.websockets._value.get() == 0, 2.0)
@@ -686,7 +687,7 @@ def test_server_vad_commits_responds_and_barge_in_cancels(serve, user_pcm):
             done = await recv_until(ws, "response.done", seen=seen)
             assert done["response"]["status"] == "cancelled"
             assert not [e for e in seen if e["type"] == "error"]
-            conv = next(iter(srv.engine.conversations.values()))
+            (conv,) = engine_sessions(srv.engine)
             assert [t.role for t in conv.turns] == ["system", "user", "assistant", "user", "assistant"]
 
     asyncio.run(asyncio.wait_for(run(), 90))
@@ -803,8 +804,8 @@ def test_slow_reader_is_bounded_by_the_engines_pacing(serve, user_pcm):
             await send(ws, ClientEvents.conversation_item_create("user", pcm=user_pcm))
             await send(ws, ClientEvents.response_create(max_output_tokens=frames))
             await recv_until(ws, "response.output_audio.delta")
-            conv = next(iter(srv.engine.conversations.values()))
-            reply = conv.reply
+            (conv,) = engine_sessions(srv.engine)
+            reply = conv.response
             produced, stalled = -1, False  # the client stops reading: generation must come to a halt
             deadline = time.monotonic() + 20
             while not stalled and not reply.finished and time.monotonic() < deadline:

@@ -49,6 +49,7 @@ class ReplyPrompt:
     features: list[torch.Tensor]
     context_len: int  # ids in the context through the assistant header (the reply's first slot)
     epoch: int  # the context's epoch when the prompt was laid out
+    audio_tokens: int = 0  # audio placeholders in the whole context
 
 
 class ThinkerContext:
@@ -166,7 +167,8 @@ class ThinkerContext:
                 features.extend(t.features)
             at += len(t.ids)
         ids = self.ids
-        return ReplyPrompt(turn, start, ids[start:], features, len(ids), self.epoch)
+        audio = sum(t.ids.count(self.pieces.audio_token_id) for t in self.turns if t.features)
+        return ReplyPrompt(turn, start, ids[start:], features, len(ids), self.epoch, audio)
 
     def prefilled(self, prompt: ReplyPrompt) -> None:
         """The reply's prompt is in the row now, unless an edit since it was laid out voided it."""

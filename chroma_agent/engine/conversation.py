@@ -59,7 +59,8 @@ class TurnInfo:
     role: str
     text: str
     tokens: int
-    audio_seconds: float
+    audio_seconds: float  # user audio heard, or reply audio made
+    instructions: bool = False  # the conversation's system prompt
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,12 @@ class ContextView:
     turns: list[TurnInfo]
     ids: list[int]  # the whole context as the thinker reads it (template prefix included)
     cached: int  # leading ids held in the conversation's KV row
+    replying: bool  # a reply is queued or running
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The turns as plain dicts (role, text, audio seconds)."""
+        return [{"role": t.role, "text": t.text, "audio_seconds": round(t.audio_seconds, 3)} for t in self.turns]
 
 
 class Response:
@@ -92,6 +99,7 @@ class Response:
             self._loop = None
         self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if self._loop else queue.SimpleQueue()
         self._buffer: list[ResponseEvent] = []
+        self._stream: AsyncIterator[ResponseEvent] | None = None
 
     # --- the engine side ----------------------------------------------------------------------------
 
@@ -124,8 +132,23 @@ class Response:
             return True
         return False
 
+    # One underlying stream however it is read: `async for`, `anext()`, then `async for` again, `aclose()`.
     def __aiter__(self) -> AsyncIterator[ResponseEvent]:
-        return self._aiter()
+        return self._events()
+
+    def __anext__(self):
+        return self._events().__anext__()
+
+    async def aclose(self) -> None:
+        """Stop reading; a reply still running is cancelled."""
+        await self._events().aclose()
+        if not self.finished:
+            self.cancel()
+
+    def _events(self) -> AsyncIterator[ResponseEvent]:
+        if self._stream is None:
+            self._stream = self._aiter()
+        return self._stream
 
     async def _aiter(self) -> AsyncIterator[ResponseEvent]:
         await self.started  # raises ConversationError if the reply could not start
@@ -163,11 +186,13 @@ class Response:
 class Conversation:
     """Made by `Engine.open_conversation`; every method is safe to call from any thread or loop."""
 
-    def __init__(self, engine: Engine, conversation_id: str, row: int, voice: VoiceProfile):
+    def __init__(self, engine: Engine, conversation_id: str, row: int, voice: VoiceProfile,
+                 instructions: str | None = None):
         self.engine = engine
         self.id = conversation_id
         self.row = row
         self.voice = voice  # the voice new replies speak with (as last set through this handle)
+        self.instructions = instructions  # the system prompt (as last set through this handle)
         self.closed = False
         self._seq = itertools.count()
         self._latest: Response | None = None
@@ -214,6 +239,7 @@ class Conversation:
     def set_instructions(self, text: str | None) -> Pending[None]:
         """Replace the system prompt (None removes it). The context is prefilled again on the next reply."""
         text = text or None
+        self.instructions = text
         prepare = (lambda: self.engine.prepare_turn("system", [text])) if text else (lambda: None)
         return self._command(self.engine.apply_instructions, prepare)
 

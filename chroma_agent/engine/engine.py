@@ -144,8 +144,8 @@ class _Session:
 
     def view(self) -> ContextView:
         ctx = self.context
-        turns = [TurnInfo(t.id, t.role, t.text, len(t.ids), t.audio_seconds) for t in ctx.turns]
-        return ContextView(turns, ctx.ids, ctx.cached)
+        turns = [TurnInfo(t.id, t.role, t.text, len(t.ids), t.audio_seconds, t.instructions) for t in ctx.turns]
+        return ContextView(turns, ctx.ids, ctx.cached, self.reply is not None)
 
     def remove_turns(self, ids: Sequence[int]) -> None:
         for turn_id in ids:
@@ -465,7 +465,7 @@ class Engine:
                 self._sessions[sid] = session
                 log.info("conversation %s opened (row %d, voice %s)", sid, row, profile.name,
                          extra={"session": sid, "voice": profile.name})
-                return Conversation(self, sid, row, profile)
+                return Conversation(self, sid, row, profile, instructions or None)
 
             if self._free_rows:
                 return make(self._free_rows.pop(0))
@@ -691,7 +691,8 @@ class Engine:
         speaking = [r for r in self._running if r.audio and not r.finished and not r.response.cancel_requested]
         if self._text_next:  # pacing is decided per pair of steps, so every row keeps its text phase
             for reply in speaking:
-                want = reply.frames - reply.response.frames_consumed < lookahead
+                # both frames of the pair must fit in the lookahead window
+                want = reply.frames - reply.response.frames_consumed + 2 <= lookahead
                 reply.response.throttled = not want
                 if want != reply.on_device:
                     self.batch.set_active(reply.row, want)
@@ -786,6 +787,7 @@ class Engine:
         kept = [t for t, _ in reply.text if t != self.model.config.im_end_id]
         text = self.processor.decode_text(kept, skip_special_tokens=True)
         session.context.close_reply(reply.prompt, kept, reply.fed, text)
+        reply.prompt.turn.audio_seconds = reply.frames * FRAME_MS / 1000
         reply.spoken_text = text
         if reply.truncate_ms is not None:
             self.apply_truncation(reply, reply.truncate_ms)
@@ -829,7 +831,7 @@ class Engine:
     def _usage(self, reply: _Reply) -> Usage:
         return Usage(prompt_tokens=len(reply.prompt.ids), cached_tokens=reply.prompt.start,
                      text_tokens=len([t for t, _ in reply.text if t != self.model.config.im_end_id]),
-                     audio_frames=reply.frames)
+                     audio_frames=reply.frames, audio_prompt_tokens=reply.prompt.audio_tokens)
 
     def _timings(self, reply: _Reply) -> Timings:
         now = time.perf_counter()

@@ -41,6 +41,7 @@ class Usage:
     cached_tokens: int  # thinker tokens reused from earlier turns (not recomputed)
     text_tokens: int
     audio_frames: int
+    audio_prompt_tokens: int = 0  # audio placeholders (encoded audio) in the whole context read
 
 
 @dataclass(frozen=True)

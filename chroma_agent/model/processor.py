@@ -98,6 +98,7 @@ class TemplatePieces:
     default_prefix: list[int]  # before a first message that is not a system message ([] if none)
     assistant_header: list[int]  # the generation prompt ("<|im_start|>assistant\n")
     turn_end: list[int]  # what closes an assistant message ("<|im_end|>\n")
+    audio_token_id: int  # the placeholder each encoded audio vector takes
 
 
 @dataclass
@@ -374,6 +375,7 @@ class ChromaProcessor:
             default_prefix=tokenize(alone[: len(alone) - len(piece)], add_special_tokens=False)["input_ids"],
             assistant_header=tokenize(header, add_special_tokens=False)["input_ids"],
             turn_end=tokenize(closed.split(marker, 1)[1], add_special_tokens=False)["input_ids"],
+            audio_token_id=self.audio_token_id,
         )
         probe = [{"role": "system", "content": "a"}, user, {"role": "assistant", "content": "z"},
                  {"role": "user", "content": "w"}]

@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -161,7 +162,7 @@ def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
         clip = load_request_audio(body.prompt_audio, rate, "prompt_audio", settings, max_seconds=MAX_CLIP_SECONDS)
         try:
             # Not stored: a per-request clone. Its backbone prefix is still cached by content in the engine.
-            profile = engine.create_voice(clip, body.prompt_text, sample_rate=rate, allow_paths=False)
+            profile = engine.create_voice(clip, body.prompt_text, sample_rate=rate, allow_paths=False).result()
         except VoiceError as exc:
             param = "prompt_audio" if str(exc).startswith("voice clip") else "prompt_text"
             raise APIError(400, f"{param}: {exc}", param=param) from None
@@ -256,26 +257,30 @@ def _prepare(engine: Engine, settings: ServerSettings, body: ChatCompletionReque
     )
 
 
-def _open(engine: Engine, plan: _Plan, wait_s: float) -> Conversation:
-    """A conversation holding the request's turns (runs in a thread: it may wait for a slot)."""
+async def _open(engine: Engine, plan: _Plan, wait_s: float) -> Conversation:
+    """A conversation holding the request's turns (waiting for a slot holds no thread)."""
     try:
-        conv = engine.open_conversation(plan.voice, plan.instructions, sampling=plan.sampling, wait_s=wait_s)
+        conv = await engine.open_conversation(plan.voice, plan.instructions, sampling=plan.sampling, wait_s=wait_s)
     except EngineBusyError as exc:
         raise APIError(503, f"{exc}; try again shortly", type="server_error", code="engine_busy",
                        headers={"Retry-After": "1"}) from None
-    turn: _Turn | None = None
+    added: list[tuple[_Turn, Any]] = []
     try:
         rate = engine.processor.audio_sample_rate
+        # Queued all at once: the engine's pool renders them in parallel, the engine applies them in order.
         for turn in plan.turns:
             if turn.role == "user":
-                conv.add_user_message([p if isinstance(p, str) else (p, rate) for p in turn.parts])
+                added.append((turn, conv.add_user_message([p if isinstance(p, str) else (p, rate)
+                                                           for p in turn.parts])))
             elif turn.role == "system":
-                conv.add_system_text(turn.text)
+                added.append((turn, conv.add_system_text(turn.text)))
             else:
-                conv.add_assistant_text(turn.text)
-    except ValueError as exc:  # AudioError and VoiceError included
-        conv.close()
-        raise APIError(400, f"{turn.where}: {exc}", param=turn.where) from None
+                added.append((turn, conv.add_assistant_text(turn.text)))
+        for turn, pending in added:
+            try:
+                await pending
+            except ValueError as exc:  # AudioError, VoiceError and context limits included
+                raise APIError(400, f"{turn.where}: {exc}", param=turn.where) from None
     except BaseException:
         conv.close()
         raise
@@ -454,7 +459,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
     settings: ServerSettings = request.app.state.settings
     plan = await run_in_threadpool(_prepare, engine, settings, body)
-    conv = await run_in_threadpool(_open, engine, plan, settings.session_wait_s)
+    conv = await _open(engine, plan, settings.session_wait_s)
     key = uuid.uuid4().hex
     reply = _Reply(id=f"chatcmpl-{key}", audio_id=f"audio_{key}", created=int(time.time()), model=body.model,
                    request_id=request.state.request_id, conversation=conv, plan=plan,

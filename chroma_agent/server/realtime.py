@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketState
 
 from chroma_agent.audio import pcm16_to_float, resample
-from chroma_agent.engine.conversation import Conversation, ConversationError, Turn
+from chroma_agent.engine.conversation import Conversation, ConversationError, TurnRef
 from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, TextDelta
 from chroma_agent.engine.sampling import SamplingParams
@@ -245,7 +245,7 @@ class _Item:
     id: str
     role: str
     content: list[dict[str, Any]]
-    turns: list[Turn] = field(default_factory=list)
+    turns: list[TurnRef] = field(default_factory=list)
     status: str = "completed"
     audio: bool = False  # an assistant audio item made by a response
     audio_ms: float = 0.0
@@ -353,8 +353,7 @@ class RealtimeConnection:
             await self.ws.close(CLOSE_INTERNAL)
             return False
         try:
-            self.conv = await asyncio.to_thread(self.engine.open_conversation, self.voice, None,
-                                                wait_s=self.settings.session_wait_s)
+            self.conv = await self.engine.open_conversation(self.voice, None, wait_s=self.settings.session_wait_s)
         except EngineBusyError as exc:
             self.metrics.errors.labels("busy").inc()
             await self._send(self.events.error(f"{exc}; try again later", code=ErrorCode.SERVER_BUSY,
@@ -372,11 +371,7 @@ class RealtimeConnection:
             await asyncio.wait([resp.task], timeout=RESPONSE_STOP_WAIT_S)
         if self.conv is not None:
             conv, self.conv = self.conv, None
-            try:
-                await asyncio.to_thread(conv.close)
-            except asyncio.CancelledError:
-                conv.close()
-                raise
+            conv.close()  # queued: frees the slot without waiting for a step
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close()
@@ -574,7 +569,7 @@ class RealtimeConnection:
                                         "input audio buffer yourself", param=td_param, event_id=eid) from None
         # 2. apply
         if voice is not self.voice:
-            await asyncio.to_thread(self.conv.set_voice, voice)
+            await self.conv.set_voice(voice)
             self.voice = voice
         if "instructions" in fields and (s.instructions or None) != self.instructions:
             self.instructions = s.instructions or None
@@ -588,12 +583,12 @@ class RealtimeConnection:
             self.turn_detection, self.vad, self.vad_item_id = new_td, vad, None
         await self._send(self.events.session_updated(self._session_payload()))
 
-    async def _edit_context(self, op: Callable[[], None]) -> None:
-        """Context edits wait for a running reply: the engine's row must not change under it."""
+    async def _edit_context(self, op: Callable[[], Awaitable[Any]]) -> None:
+        """Context edits wait for a running reply, so its item keeps the context it was made in."""
         if self.response is not None:
             self.deferred.append(op)
         else:
-            await asyncio.to_thread(op)
+            await op()
 
     # --- input audio ----------------------------------------------------------------------------------------
 
@@ -652,9 +647,9 @@ class RealtimeConnection:
         if audio_ms(len(pcm)) < MIN_COMMIT_MS:
             return False
         rate = self.engine.processor.audio_sample_rate
-        clip = resample(pcm16_to_float(pcm), SAMPLE_RATE, rate)  # outside the engine lock
+        clip = await asyncio.to_thread(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)  # off the event loop
         try:
-            turns = await asyncio.to_thread(self._add_turns, [(self.conv.add_user_audio, (clip, rate))])
+            turns = await self._add_turns([(self.conv.add_user_audio, (clip, rate))])
         except (ValueError, ConversationError) as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"the input audio cannot be used: {exc}",
                                 event_id=event_id) from None
@@ -677,30 +672,29 @@ class RealtimeConnection:
 
     # --- items ----------------------------------------------------------------------------------------------
 
-    def _add_turns(self, calls: list[tuple[Callable, tuple]]) -> list[Turn]:
-        """Run Conversation.add_* calls and return the turns they appended (atomic under the engine lock)."""
-        turns: list[Turn] = []
-        with self.engine.lock:
-            try:
-                for fn, args in calls:
-                    fn(*args)
-                    turns.append(self.conv.turns[-1])
-            except Exception:
-                self._drop_turns(turns)  # all of the item or nothing
-                raise
+    async def _add_turns(self, calls: list[tuple[Callable, tuple]]) -> list[TurnRef]:
+        """Run Conversation.add_* calls (queued in order) and return their turns: all of the item or nothing."""
+        pending = [fn(*args) for fn, args in calls]
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        turns = [r for r in results if isinstance(r, TurnRef)]
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            self._drop_turns(turns)
+            raise failed
         return turns
 
-    def _drop_turns(self, turns: list[Turn]) -> None:
+    def _drop_turns(self, turns: list[TurnRef]) -> Awaitable[Any]:
         """Remove turns from the context; the KV cache stays valid up to the first removed turn."""
-        if self.conv is not None:
-            self.conv.remove_turns(turns)
+        if self.conv is not None and turns:
+            return self.conv.remove_turns(turns)
+        return asyncio.sleep(0)
 
-    def _prune_items(self) -> None:
+    async def _prune_items(self) -> None:
         """Forget turns the engine dropped from the context (long sessions), and the oldest items beyond a cap."""
-        alive = {id(t) for t in self.conv.turns}
+        alive = {t.id for t in (await self.conv.inspect()).turns}
         for item in self.items:
             if item.turns:
-                item.turns = [t for t in item.turns if id(t) in alive]
+                item.turns = [t for t in item.turns if t.id in alive]
         if len(self.items) > MAX_ITEMS:
             del self.items[: len(self.items) - MAX_ITEMS]
 
@@ -782,7 +776,7 @@ class RealtimeConnection:
         if user_parts:  # one user turn, its parts in order, as the chat template renders a message
             calls.append((conv.add_user_message, (user_parts,)))
         try:
-            turns = await asyncio.to_thread(self._add_turns, calls)
+            turns = await self._add_turns(calls)
         except (ValueError, ConversationError) as exc:
             raise ProtocolError(ErrorCode.INVALID_VALUE, f"the item cannot be added: {exc}", param="item",
                                 event_id=eid) from None
@@ -808,7 +802,7 @@ class RealtimeConnection:
             raise ProtocolError(ErrorCode.INVALID_VALUE, f"audio_end_ms ({event.audio_end_ms}) is longer than the "
                                 f"item's audio ({item.audio_ms:.0f} ms)", param="audio_end_ms", event_id=eid)
         if item.submitted and (item.turns or not item.finished):
-            kept = await asyncio.to_thread(self.conv.truncate, float(event.audio_end_ms))
+            kept = await self.conv.truncate(float(event.audio_end_ms))
             if item.finished:  # otherwise the running reply applies it when it ends
                 item.content = [self.events.assistant_audio_content(kept)]
         await self._send(self.events.item_truncated(item.id, 0, event.audio_end_ms))
@@ -950,14 +944,13 @@ class RealtimeConnection:
         while self.deferred:
             op = self.deferred.pop(0)
             try:
-                op()
+                op()  # queued in order by the engine; nobody waits for it here
             except Exception:
                 log.exception("realtime session %s: a deferred context edit failed", self.session_id)
 
     async def _finish_response(self, resp: _Response, item: _Item, previous: str | None, done: ResponseDone | None,
                                failure: str | None, parts: list[str], frames: int, started: bool) -> None:
-        ev, conv = self.events, self.conv
-        reply = conv.last_reply if started else None
+        ev = self.events
         details = None
         if failure is not None:
             status, details = "failed", {"type": "failed", "error": {"type": "server_error", "code": "engine_error",
@@ -969,18 +962,17 @@ class RealtimeConnection:
         else:  # max_frames: the output token limit
             status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
         # the reply's kept text (a truncation that arrived before this point is already applied to it)
-        transcript = reply.spoken_text if reply is not None and done is not None else "".join(parts)
+        transcript = done.text if done is not None else "".join(parts)
         item.status = "completed" if status == "completed" else "incomplete"
         item.content = [ev.assistant_audio_content(transcript)]
         item.audio_ms = frames * 80.0
-        item.turns = [reply.turn] if reply is not None and failure is None else []
+        item.turns = [done.turn] if started and done is not None and done.turn is not None and failure is None \
+            else []
         item.finished = True
         usage = None
         if done is not None:
             self.metrics.reply_done(done)
-            audio_id = self.engine.processor.audio_token_id
-            context = conv.context_ids[: reply.context_len] if reply is not None else []
-            n_audio = sum(1 for t in context if t == audio_id)
+            n_audio = done.usage.audio_prompt_tokens
             n_input = done.usage.prompt_tokens + done.usage.cached_tokens
             usage = ev.usage(input_text=max(n_input - n_audio, 0), input_audio=n_audio,
                              cached=done.usage.cached_tokens, output_text=done.usage.text_tokens,
@@ -996,12 +988,12 @@ class RealtimeConnection:
         final = ev.response_done(ev.response(
             resp.id, status=status, output=[body], metadata=resp.metadata, usage=usage, status_details=details,
             voice=self.voice.name, max_output_tokens=resp.max_output_tokens))
-        self._prune_items()
+        await self._prune_items()
         # the next response.create may follow response.done at once: settle the context first
         while self.deferred:
             op = self.deferred.pop(0)
             try:
-                await asyncio.to_thread(op)
+                await op()
             except Exception:
                 log.exception("realtime session %s: a deferred context edit failed", self.session_id)
         self.response = None

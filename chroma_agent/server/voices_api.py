@@ -97,7 +97,7 @@ def _clone(engine: Engine, request: Request, body: VoiceCreate | VoiceUpload, au
     else:
         clip = load_request_audio(body.audio, rate, "audio", settings, max_seconds=MAX_CLIP_SECONDS)
     try:
-        return engine.create_voice(clip, body.transcript, body.name, sample_rate=rate, allow_paths=False)
+        return engine.create_voice(clip, body.transcript, body.name, sample_rate=rate, allow_paths=False).result()
     except VoiceError as exc:
         param = audio_field if str(exc).startswith("voice clip") else "transcript"
         raise APIError(400, f"{param}: {exc}", param=param) from None
