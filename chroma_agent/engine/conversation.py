@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import time
 import uuid
@@ -245,9 +246,12 @@ class Conversation:
         *,
         max_frames: int | None = None,
         sampling: SamplingParams | None = None,
+        output_audio: bool = True,
     ) -> AsyncIterator[ResponseEvent]:
         """Stream the assistant's reply: `AudioChunk`s and `TextDelta`s, then `ResponseDone`/`ResponseError`.
 
+        With `output_audio=False` the reply is text only: `TextDelta`s, then `ResponseDone` with
+        `usage.audio_frames == 0`.
         Leaving the iteration early cancels the reply (a disconnected client frees its slot within a step).
         """
         reply = self._submit(instructions, max_frames, sampling)
@@ -257,6 +261,10 @@ class Conversation:
                 if isinstance(event, AudioChunk):
                     reply.frames_consumed += 1
                     self.engine.wake()
+                    if not output_audio:  # interim: the engine runs text-only replies natively (lead)
+                        continue
+                if not output_audio and isinstance(event, ResponseDone):  # interim (lead)
+                    event = dataclasses.replace(event, usage=dataclasses.replace(event.usage, audio_frames=0))
                 yield event
                 if isinstance(event, ResponseDone | ResponseError):
                     return
