@@ -668,7 +668,9 @@ class RealtimeConnection:
 
     async def _run_vad(self, pcm: bytes) -> None:
         cfg = self.turn_detection
-        for kind, ms in self.vad.push(pcm):
+        # ~12 ms of CPU per second of audio (resampling + Silero): off the event loop, which every session shares
+        # (onnxruntime releases the GIL). Appends are handled one at a time, so the detector sees them in order.
+        for kind, ms in await asyncio.to_thread(self.vad.push, pcm):
             if kind == "start":
                 self.vad_item_id = new_id("item")
                 start = max(0, ms - cfg["prefix_padding_ms"])
