@@ -7,7 +7,8 @@
 * No name is the configured default. The default is what the operator configured (`--default-voice`) and
   nothing else: never a voice picked from the store, whose contents any API client may change.
 
-Without a configured default, a reply that must speak and names no voice is refused (`voice_required`). A reply
+Without a configured default, a reply that must speak and names no voice is refused (`voice_required`, by the
+caller: chat completions answer 400, the realtime endpoint an error event). A reply
 that need not speak (text only) still needs a conversation, and the engine's conversations carry a voice: they
 get :func:`text_only_voice`, a one-frame placeholder that is never spoken with.
 """
@@ -21,17 +22,13 @@ import torch
 
 from chroma_agent.engine.engine import Engine
 from chroma_agent.realtime_protocol import OPENAI_VOICES
-from chroma_agent.voices import UnknownVoiceError, VoiceError, VoiceProfile, fingerprint
+from chroma_agent.voices import UnknownVoiceError, VoiceProfile, fingerprint
 
 #: The operator's setting a missing default voice is named by, in error messages.
 DEFAULT_VOICE_SETTING = "--default-voice"
 
 _placeholders: weakref.WeakKeyDictionary[Engine, VoiceProfile] = weakref.WeakKeyDictionary()
 _placeholder_lock = threading.Lock()
-
-
-class VoiceRequired(LookupError):
-    """A reply must speak, no voice was named, and the server has no configured default."""
 
 
 class VoiceNotFound(LookupError):
@@ -61,12 +58,6 @@ def resolve_voice(engine: Engine, name: str | None) -> VoiceProfile | None:
     return profile
 
 
-def require_voice(voice: VoiceProfile | None) -> VoiceProfile:
-    if voice is None:
-        raise VoiceRequired(f"this server has no default voice ({DEFAULT_VOICE_SETTING} is not set)")
-    return voice
-
-
 def text_only_voice(engine: Engine) -> VoiceProfile:
     """A placeholder voice for conversations that never speak (one silent frame; cached per engine)."""
     with _placeholder_lock:
@@ -90,7 +81,5 @@ def known_voices(engine: Engine) -> list[str]:
     return sorted(names)
 
 
-__all__ = [
-    "DEFAULT_VOICE_SETTING", "VoiceError", "VoiceNotFound", "VoiceRequired", "is_stock_voice", "known_voices",
-    "require_voice", "resolve_voice", "text_only_voice",
-]
+__all__ = ["DEFAULT_VOICE_SETTING", "VoiceNotFound", "is_stock_voice", "known_voices", "resolve_voice",
+           "text_only_voice"]
