@@ -568,7 +568,9 @@ class Engine:
             limit = self.clamp_frames(session.voice, max_frames)
             reserve = (limit + 2) // 2 + 2
         else:
-            limit = max(1, min(int(max_tokens or self.config.max_text_tokens), self.config.max_text_tokens))
+            # a client's output limit counts frames for speech and tokens for text
+            asked = max_tokens if max_tokens is not None else max_frames
+            limit = max(1, min(int(asked or self.config.max_text_tokens), self.config.max_text_tokens))
             reserve = limit + 1
         prompt = session.context.open_reply(reserve)
         job = PrefillJob(session.row, prompt.ids, prompt.start, prompt.features, self.model.config.audio_token_id,

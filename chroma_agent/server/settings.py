@@ -17,6 +17,12 @@ class ServerSettings:
     ws_messages_per_second: float = 200.0  # per connection, averaged over a 1 s burst window
     session_wait_s: float = 5.0  # how long a request may wait for a free engine slot before 503
     default_max_frames: int = 750  # a reply's length when the request names none (60 s)
+    # Other names /v1/models lists for the served model (any `model` is accepted; replies report model_name).
+    model_aliases: tuple[str, ...] = ("chroma", "FlashLabs/Chroma-4B")
+    # Chat replies with audio: how long a later request may refer to one by its audio id (OpenAI's
+    # `{"role": "assistant", "audio": {"id": ...}}`), and how many such transcripts are kept in memory.
+    audio_reply_ttl_s: float = 3600.0
+    audio_reply_store_size: int = 10_000
 
     def __post_init__(self) -> None:
         if self.api_key is not None and len(self.api_key) < 8:
@@ -27,3 +33,8 @@ class ServerSettings:
             raise ValueError("request size limits must be at least 1 KiB")
         if self.max_audio_seconds <= 0 or self.ws_messages_per_second <= 0 or self.session_wait_s < 0:
             raise ValueError("audio, rate and wait limits must be positive")
+        if self.audio_reply_ttl_s < 0 or self.audio_reply_store_size < 0:
+            raise ValueError("audio_reply_ttl_s and audio_reply_store_size must be >= 0")
+        if isinstance(self.model_aliases, str) or not all(isinstance(a, str) and a for a in self.model_aliases):
+            raise ValueError("model_aliases must be a sequence of non-empty names")
+        object.__setattr__(self, "model_aliases", tuple(self.model_aliases))
