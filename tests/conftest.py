@@ -142,6 +142,11 @@ class EngineState:
         return next((t.text for t in self.view().turns if t.instructions), None)
 
     @property
+    def voice(self):
+        engine = self.engine
+        return engine.post(None, None, lambda *_: engine._sessions[self.session_id].voice).result(timeout=10)
+
+    @property
     def replying(self) -> bool:
         return self.view().replying
 

@@ -140,7 +140,7 @@ def test_stock_names_never_reach_a_stored_voice_of_that_name(serve, make_engine,
     engine = make_engine(golden_default_voice=golden_voice)
     client = serve(engine)
     # someone stores a different voice under a stock name: stock names still mean the configured default
-    other = engine.create_voice(golden_dir / "user1.wav", "What should I wear for the weather today?", name="alloy")
+    other = engine.create_voice(golden_dir / "user1.wav", "What should I wear for the weather today?", name="alloy").result()
     engine.voices.save(other)
     response = audio_reply(client, golden_messages, voice="alloy", fmt="pcm16", frames=2)
     assert_golden(base64.b64decode(response.choices[0].message.audio.data), golden_outputs, frames=2)
