@@ -13,6 +13,9 @@ class ServerSettings:
     model_name: str = "chroma-4b"  # the id /v1/models reports and requests may name
     max_request_bytes: int = 50 * 1024 * 1024  # a whole HTTP request body
     max_audio_seconds: float = 300.0  # one audio input
+    # One audio file's decoded samples (frames x channels), checked from its header before decoding: 5 min of
+    # 48 kHz stereo. Bounds the CPU a small, highly compressed file can cost.
+    max_audio_samples: int = 300 * 48_000 * 2
     max_ws_message_bytes: int = 16 * 1024 * 1024
     ws_messages_per_second: float = 200.0  # per connection, averaged over a 1 s burst window
     session_wait_s: float = 5.0  # how long a request may wait for a free engine slot before 503
@@ -25,5 +28,7 @@ class ServerSettings:
             raise ValueError(f"assets_dir {self.assets_dir} is not a folder")
         if self.max_request_bytes < 1024 or self.max_ws_message_bytes < 1024:
             raise ValueError("request size limits must be at least 1 KiB")
+        if self.max_audio_samples < 1:
+            raise ValueError("max_audio_samples must be at least 1")
         if self.max_audio_seconds <= 0 or self.ws_messages_per_second <= 0 or self.session_wait_s < 0:
             raise ValueError("audio, rate and wait limits must be positive")
