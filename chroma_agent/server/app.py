@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from chroma_agent import __version__
 from chroma_agent.engine.engine import Engine
@@ -12,8 +14,28 @@ from chroma_agent.server import chat, realtime, system, voices_api
 from chroma_agent.server.errors import install_error_handlers
 from chroma_agent.server.metrics import ServerMetrics
 from chroma_agent.server.settings import ServerSettings
+from chroma_agent.server.system import ProtectedRoute
 
 log = logging.getLogger(__name__)
+
+
+def _docs_router(app: FastAPI) -> APIRouter:
+    """The schema and its two viewers, behind the same API key as the API (FastAPI's own routes have none)."""
+    router = APIRouter(route_class=ProtectedRoute, include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @router.get("/docs")
+    async def swagger(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    @router.get("/redoc")
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - API")
+
+    return router
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
@@ -23,6 +45,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         version=__version__,
         description="FlashLabs Chroma 1.0 speech-to-speech: FlashLabs-compatible chat completions, "
         "an OpenAI-Realtime-compatible WebSocket, voice profiles.",
+        openapi_url=None,  # served by _docs_router instead, with the API key
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.engine = engine
     app.state.settings = settings
@@ -32,4 +57,6 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.include_router(chat.router)
     app.include_router(voices_api.router)
     app.include_router(realtime.router)
+    if settings.docs:
+        app.include_router(_docs_router(app))
     return app

@@ -12,6 +12,8 @@ from fastapi import FastAPI
 
 from chroma_agent.engine.engine import Engine
 from chroma_agent.server.app import create_app
+from chroma_agent.server.connections import CleanRefusalWebSocketProtocol, guarded_http_protocol
+from chroma_agent.server.security import install_log_redaction
 from chroma_agent.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -41,9 +43,16 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _config(app: FastAPI, settings: ServerSettings, log_level: str) -> uvicorn.Config:
+    http = guarded_http_protocol(header_timeout_s=settings.header_timeout_s,
+                                 max_header_bytes=settings.max_header_bytes,
+                                 max_connections=settings.max_connections)
     # uvicorn's own frame limit sits above ours, so an oversized message gets our clear error, not a bare 1009.
-    return uvicorn.Config(app, log_level=log_level, ws_max_size=2 * settings.max_ws_message_bytes,
-                          timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S, server_header=False)
+    config = uvicorn.Config(app, log_level=log_level, ws_max_size=2 * settings.max_ws_message_bytes,
+                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S, server_header=False,
+                            http=http, ws=CleanRefusalWebSocketProtocol)
+    # After uvicorn.Config: it (re)configures uvicorn's loggers and handlers, and the filter must sit on them.
+    install_log_redaction(settings.api_key)
+    return config
 
 
 def serve(engine: Engine, settings: ServerSettings, sock: socket.socket, *, log_level: str = "info") -> None:
