@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from chroma_agent.engine.engine import Engine
 from chroma_agent.server.app import create_app
 from chroma_agent.server.connections import CleanRefusalWebSocketProtocol, guarded_http_protocol
+from chroma_agent.server.memory import limit_heap_growth
 from chroma_agent.server.security import install_log_redaction
 from chroma_agent.server.settings import ServerSettings
 
@@ -58,6 +59,8 @@ def _config(app: FastAPI, settings: ServerSettings, log_level: str) -> uvicorn.C
 def serve(engine: Engine, settings: ServerSettings, sock: socket.socket, *, log_level: str = "info") -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM); the caller closes the engine afterwards."""
     server = uvicorn.Server(_config(create_app(engine, settings), settings, log_level))
+    # Process-wide, so only here where the server owns the process (not in ServerThread, which embeds it).
+    limit_heap_growth()
     host, port = sock.getsockname()[:2]
     log.info("serving %s on http://%s:%d (API key %s, %d engine slots)", settings.model_name, host, port,
              "required" if settings.api_key else "off", engine.config.max_sessions)
