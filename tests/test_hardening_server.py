@@ -109,13 +109,17 @@ def test_serve_logs_no_key_for_any_request(tiny_dir, golden_voice, tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "chroma_agent.cli", "-v", "serve", "--model", str(tiny_dir), "--port", str(port),
-         "--voices-dir", str(tmp_path / "voices"), "--default-voice", "golden", "--max-sessions", "2"],
+         "--voices-dir", str(tmp_path / "voices"), "--default-voice", "golden", "--max-sessions", "2",
+         "--header-timeout-s", "5", "--max-header-kb", "16", "--max-connections", "500"],
         env={**os.environ, "CHROMA_API_KEY": KEY}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_until_up(url, 90)
         got = _every_kind_of_request(url)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # the flags reached the server
+            sock.sendall(b"GET /health HTTP/1.1\r\nX-Filler: " + b"a" * 20_000 + b"\r\n")
+            assert b"larger than 16384 bytes" in _read_all(sock, 5)
     finally:
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=30)
@@ -300,6 +304,17 @@ def test_connections_beyond_max_connections_get_503_at_once(make_engine, golden_
                 sock.close()
         time.sleep(0.2)
         assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_serve_refuses_bad_hardening_flags_with_exit_2(tiny_dir, capsys):
+    from chroma_agent.cli import main
+
+    for flags, message in ((["--header-timeout-s", "0"], "header_timeout_s"),
+                           (["--max-header-kb", "0"], "max_header_bytes"),
+                           (["--max-connections", "-1"], "max_connections"),
+                           (["--max-audio-samples", "0"], "max_audio_samples")):
+        assert main(["serve", "--model", str(tiny_dir), *flags]) == 2, flags
+        assert message in capsys.readouterr().err, flags
 
 
 def test_connection_settings_are_validated():
