@@ -5,6 +5,7 @@ flood is bounded in count and time."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -197,6 +198,26 @@ def test_redact_finds_keys_wherever_they_appear():
     }
     for text, expected in cases.items():
         assert redact(text, secrets) == expected
+
+
+def test_tracebacks_are_redacted_too():
+    from chroma_agent.server.security import install_log_redaction
+
+    install_log_redaction(KEY)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError(f"bad request line GET /v1/realtime?api-key={WRONG} with {KEY}")
+        except RuntimeError:
+            logger.exception("Exception in ASGI application")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "Traceback" in text and "RuntimeError" in text and REDACTED in text
+    _assert_no_secret(text)
 
 
 def test_docs_follow_the_api_key_rule_and_can_be_turned_off(make_engine, golden_voice):

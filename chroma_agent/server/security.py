@@ -111,7 +111,15 @@ class SecretRedactor(logging.Filter):
             cleaned = redact(message, secrets)
             if cleaned != message:
                 record.msg, record.args = cleaned, None
+        # A traceback may quote a URL or a header; formatters reuse exc_text when it is set.
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(_TRACEBACKS.formatException(record.exc_info), secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, secrets)
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 _redactor = SecretRedactor()
