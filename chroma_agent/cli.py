@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--device", default="cpu")
     srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     srv.add_argument("--max-request-mb", type=float, default=50.0, help="largest accepted request body")
+    # Hardening limits (docs/api.md, "Limits"); defaults are ServerSettings' own.
+    srv.add_argument("--max-audio-samples", type=int, default=None,
+                     help="most samples (frames x channels) one audio file may decode to (default 28800000)")
+    srv.add_argument("--header-timeout-s", type=float, default=None,
+                     help="a request's headers must arrive within this many seconds, else 408 (default 10)")
+    srv.add_argument("--max-header-kb", type=int, default=None, help="largest request headers, else 431 (default 64)")
+    srv.add_argument("--max-connections", type=int, default=None,
+                     help="open connections beyond this get 503 at once; 0 = no cap (default 1000)")
+    srv.add_argument("--no-docs", action="store_true", help="do not serve /docs, /redoc and /openapi.json")
     for name, text in WORKER_COMMANDS.items():
         sub.add_parser(name, help=f"{text}; see `chroma-agent {name} --help`", add_help=False)
     return parser
@@ -280,8 +289,21 @@ def run_serve(args: argparse.Namespace) -> int:
     if api_key is not None and len(api_key) < 8:
         raise UsageError("--api-key (or CHROMA_API_KEY) must be at least 8 characters")
     _check_device(args.device)
-    settings = ServerSettings(api_key=api_key, assets_dir=args.assets_dir,
-                              max_request_bytes=max(1024, int(args.max_request_mb * 1024 * 1024)))
+    hardening: dict[str, int | float | None] = {}  # flags given; the rest keep ServerSettings' defaults
+    if args.max_audio_samples is not None:
+        hardening["max_audio_samples"] = args.max_audio_samples
+    if args.header_timeout_s is not None:
+        hardening["header_timeout_s"] = args.header_timeout_s
+    if args.max_header_kb is not None:
+        hardening["max_header_bytes"] = args.max_header_kb * 1024
+    if args.max_connections is not None:
+        hardening["max_connections"] = args.max_connections or None  # 0: no cap
+    try:
+        settings = ServerSettings(api_key=api_key, assets_dir=args.assets_dir,
+                                  max_request_bytes=max(1024, int(args.max_request_mb * 1024 * 1024)),
+                                  docs=not args.no_docs, **hardening)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     store = VoiceStore(args.voices_dir)
     default_voice = None
     if args.default_voice is not None:

@@ -110,7 +110,12 @@ def _asset_path(text: str, root: Path, where: str) -> Path:
         raise escape from None
     if not resolved.is_relative_to(root):  # a symlink pointing out
         raise escape
-    if not resolved.is_file():
+    try:
+        is_file = resolved.is_file()
+    except OSError as exc:  # a component longer than the file system allows, permissions: the client's path
+        raise APIError(400, f"{where}: audio path cannot be used: {exc.strerror or exc}", param=where,
+                       code="audio_not_found") from None
+    if not is_file:
         raise APIError(400, f"{where}: audio file not found in the assets folder: {text[:200]}", param=where,
                        code="audio_not_found")
     return resolved
@@ -124,17 +129,20 @@ def load_request_audio(source: str, target_rate: int, where: str, settings: Serv
     assets folder, and then it must resolve inside it. Errors name `where` (e.g. `messages[1].content[0]`).
     """
     limit = settings.max_audio_seconds if max_seconds is None else min(max_seconds, settings.max_audio_seconds)
+    samples = settings.max_audio_samples
     try:
-        return load_audio(source, target_rate, allow_paths=False, max_seconds=limit)
+        return load_audio(source, target_rate, allow_paths=False, max_seconds=limit, max_samples=samples)
     except AudioError as exc:
         text = source.strip()
+        # Audio recognised as inline (a known container's base64) and then refused is never retried as a path.
         maybe_path = (allow_paths and settings.assets_dir is not None and 0 < len(text) <= _MAX_PATH_CHARS
-                      and "\x00" not in text and not text.lower().startswith(("data:", "http://", "https://")))
+                      and not exc.inline and "\x00" not in text
+                      and not text.lower().startswith(("data:", "http://", "https://")))
         if not maybe_path:
             raise _invalid_audio(where, exc) from None
     path = _asset_path(text, Path(settings.assets_dir), where)
     try:
-        return load_audio(path, target_rate, max_seconds=limit)
+        return load_audio(path, target_rate, max_seconds=limit, max_samples=samples)
     except AudioError as exc:
         raise _invalid_audio(where, exc) from None
 

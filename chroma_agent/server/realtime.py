@@ -652,11 +652,18 @@ class RealtimeConnection:
 
     async def _append(self, event: InputAudioBufferAppend) -> None:
         room = self.max_buffer_bytes - len(self.buffer)
-        pcm = b64_to_pcm(event.audio, max_bytes=max(room, 0) + 4, event_id=event.event_id)
-        if len(pcm) > room:
+        try:  # the size check runs on the base64 length, before decoding: +4 covers its padding
+            pcm: bytes | None = b64_to_pcm(event.audio, max_bytes=max(room, 0) + 4, event_id=event.event_id)
+        except ProtocolError as exc:
+            if exc.code != ErrorCode.AUDIO_TOO_LARGE:
+                raise
+            pcm = None  # reported below with the buffer's real limit, not the room left in it
+        if pcm is None or len(pcm) > room:
+            limit_s = self.max_buffer_bytes / (SAMPLE_RATE * SAMPLE_WIDTH)
             raise ProtocolError(ErrorCode.AUDIO_TOO_LARGE,
-                                f"the input audio buffer would exceed {self.max_buffer_bytes // (SAMPLE_RATE * 2)} s; "
-                                "commit or clear it first", param="audio", event_id=event.event_id)
+                                f"the input audio buffer holds at most {limit_s:g} s of audio (max_audio_seconds) "
+                                f"and has {len(self.buffer) / (SAMPLE_RATE * SAMPLE_WIDTH):.1f} s; commit or clear "
+                                "it first", param="audio", event_id=event.event_id)
         self.buffer.extend(pcm)
         self.input_ms_total += len(pcm) * 1000 / (SAMPLE_RATE * SAMPLE_WIDTH)
         if self.vad is not None:

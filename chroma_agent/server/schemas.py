@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator
 
 #: What `audio_format` / `audio.format` may name: OpenAI's output formats ("pcm" is FlashLabs' word for pcm16).
 AudioFormat = Literal["wav", "pcm16", "pcm", "mp3", "flac", "opus", "aac"]
@@ -130,10 +130,10 @@ class ChatCompletionRequest(_Request):
 
     model: str = Field(description="any name: the served model answers (replies report its id)")
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False  # strict: "yes" or 1 is a mistake to report, not to guess
     stream_options: dict[str, Any] | None = Field(None, description="accepted; usage is always in the last chunk")
-    max_tokens: int | None = Field(None, ge=1, le=100_000, description="reply length limit in 80 ms audio frames")
-    max_completion_tokens: int | None = Field(None, ge=1, le=100_000, description="OpenAI's name for max_tokens")
+    max_tokens: StrictInt | None = Field(None, ge=1, le=100_000, description="reply length limit in 80 ms audio frames")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=100_000, description="OpenAI's name for max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0 switches top-k off")

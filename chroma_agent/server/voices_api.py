@@ -91,7 +91,8 @@ def _clone(engine: Engine, request: Request, body: VoiceCreate | VoiceUpload, au
     rate = engine.processor.voice_sample_rate
     if isinstance(body, VoiceUpload):
         try:
-            clip = load_audio(body.file, rate, max_seconds=min(MAX_CLIP_SECONDS, settings.max_audio_seconds))
+            clip = load_audio(body.file, rate, max_seconds=min(MAX_CLIP_SECONDS, settings.max_audio_seconds),
+                              max_samples=settings.max_audio_samples)
         except AudioError as exc:
             raise APIError(400, f"file: {exc}", param="file", code="invalid_audio") from None
     else:
