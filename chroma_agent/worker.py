@@ -72,7 +72,7 @@ def load_worker_engine(config: WorkerConfig) -> Engine:
         return engine
     if config.voice_audio is not None:
         engine.default_voice = engine.create_voice(config.voice_audio, config.voice_text or "",
-                                                   name=config.voice, save=config.voice is not None)
+                                                   name=config.voice, save=config.voice is not None).result()
         log.info("default voice cloned from %s%s", config.voice_audio,
                  f" and stored as {config.voice!r}" if config.voice else "")
     elif config.voice is not None:

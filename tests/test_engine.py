@@ -402,3 +402,39 @@ def test_mixed_user_message_is_one_turn_like_the_reference(engine, voice, user_a
     assert view.turns[-1].text == "Listen to this:  What did I say?"
     with pytest.raises(ValueError, match="empty"):
         conv.add_user_message(["   "]).result()
+
+
+def test_a_text_reply_runs_the_thinker_alone_and_says_what_the_spoken_reply_says(engine, voice, case,
+                                                                                 user_audio):
+    async def run():
+        conv = await engine.open_conversation(voice, case["system_prompt"])
+        await conv.add_user_audio(*user_audio)
+        steps = engine.stats["steps"]
+        events, done = await collect(conv, output_audio=False)
+        decode_steps = engine.stats["steps"] - steps
+        spoken, spoken_done = await collect(conv, max_frames=32)  # the same turn answered again, with audio
+        await conv.close()
+        return events, done, decode_steps, spoken_done
+
+    events, done, decode_steps, spoken_done = asyncio.run(run())
+    assert isinstance(done, ResponseDone) and done.reason == "completed"  # the thinker's end of turn
+    assert not [e for e in events if isinstance(e, AudioChunk)] and done.usage.audio_frames == 0
+    assert decode_steps == 0  # no backbone, depth decoder or codec step ran for it
+    golden_text = case["thinker_text"].replace("<|im_end|>", "")
+    assert done.text == "".join(e.text for e in events if isinstance(e, TextDelta)) == golden_text
+    assert done.usage.text_tokens == 9
+    assert spoken_done.text != "" and isinstance(spoken_done, ResponseDone)
+
+
+def test_a_conversation_without_a_voice_replies_with_text_only(engine, case):
+    async def run():
+        conv = await engine.open_conversation(None, case["system_prompt"])  # the engine has no default voice
+        await conv.add_user_text("What should I wear today?")
+        _, text_done = await collect(conv, output_audio=False, max_tokens=3)
+        with pytest.raises(ConversationError, match="no voice"):
+            await collect(conv)
+        return conv.voice, text_done
+
+    voice, done = asyncio.run(run())
+    assert voice is None
+    assert isinstance(done, ResponseDone) and done.usage.text_tokens <= 3 and done.usage.audio_frames == 0

@@ -126,7 +126,7 @@ class _Reply:
 class _Session:
     """A conversation's engine-side state (touched by the engine thread only)."""
 
-    def __init__(self, engine: Engine, sid: str, row: int, voice: VoiceProfile, sampling: SamplingParams):
+    def __init__(self, engine: Engine, sid: str, row: int, voice: VoiceProfile | None, sampling: SamplingParams):
         self.engine = engine
         self.id = sid
         self.row = row
@@ -139,7 +139,7 @@ class _Session:
         self.next_seq = 0
         self.held: dict[int, tuple[Callable, Any, BaseException | None, Pending]] = {}
 
-    def set_voice(self, voice: VoiceProfile) -> None:
+    def set_voice(self, voice: VoiceProfile | None) -> None:
         self.voice = voice
 
     def view(self) -> ContextView:
@@ -446,10 +446,15 @@ class Engine:
         wait_s: float = 0.0,
     ) -> Pending[Conversation]:
         """A new conversation in a free slot. Waits up to `wait_s` for one, first come first served (the
-        wait holds no thread); then fails with `EngineBusyError`."""
+        wait holds no thread); then fails with `EngineBusyError`.
+
+        `voice=None` takes the engine's default voice; without one the conversation has no voice and can only
+        give text replies (`respond(output_audio=False)`) until `set_voice`.
+        """
         def prepare():
-            profile = self.resolve_voice(voice)
-            profile.require_compatible(self.model.config)
+            profile = None if voice is None and self.default_voice is None else self.resolve_voice(voice)
+            if profile is not None:
+                profile.require_compatible(self.model.config)
             note = self.prepare_turn("system", [instructions]) if instructions else None
             return profile, note
 
@@ -463,8 +468,9 @@ class Engine:
                 if note is not None:
                     session.context.set_instructions(note)
                 self._sessions[sid] = session
-                log.info("conversation %s opened (row %d, voice %s)", sid, row, profile.name,
-                         extra={"session": sid, "voice": profile.name})
+                name = profile.name if profile is not None else None
+                log.info("conversation %s opened (row %d, voice %s)", sid, row, name,
+                         extra={"session": sid, "voice": name})
                 return Conversation(self, sid, row, profile, instructions or None)
 
             if self._free_rows:
@@ -565,6 +571,9 @@ class Engine:
         if note is not None:
             session.context.append(note)
         if output_audio:
+            if session.voice is None:
+                raise ConversationError("this conversation has no voice, so it can only reply with text: set a "
+                                        "voice (or give the engine a default voice) to hear it speak")
             limit = self.clamp_frames(session.voice, max_frames)
             reserve = (limit + 2) // 2 + 2
         else:
