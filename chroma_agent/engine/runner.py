@@ -77,9 +77,10 @@ class StepRunner:
             raise ValueError(f"buckets {self.buckets} must be >= 1 and end at the batch size {batch.rows}")
         self._fns: dict[tuple[int, str], Callable[[], None]] = {}
         self._graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
-        # Two host buffers: the result of step k is read while step k + 1 runs.
+        # A ring of host buffers: an engine iteration launches up to two steps (decode, thinker) and reads
+        # them while the next iteration's two run, so four copies can be in flight.
         pin = device.type == "cuda"
-        self._host = [torch.empty(batch.result.shape, dtype=batch.result.dtype, pin_memory=pin) for _ in range(2)]
+        self._host = [torch.empty(batch.result.shape, dtype=batch.result.dtype, pin_memory=pin) for _ in range(4)]
         self._flip = 0
         self._pool = None
 
@@ -152,7 +153,7 @@ class StepRunner:
         else:
             self._function(n, kind)()
         host = self._host[self._flip]
-        self._flip ^= 1
+        self._flip = (self._flip + 1) % len(self._host)
         result = self.batch.result[:n]
         event = None
         if result.is_cuda:
