@@ -481,3 +481,22 @@ def test_seeded_sampled_replies_are_the_same_alone_and_batched(engine, voice, ca
     np.testing.assert_array_equal(alone, again)
     np.testing.assert_array_equal(alone, batched)
     assert alone.shape != other_seed.shape or not np.array_equal(alone, other_seed)
+
+
+def test_a_new_reply_may_follow_a_cancel_at_once(engine, voice, case, user_audio):
+    async def run():
+        conv = await engine.open_conversation(voice, case["system_prompt"])
+        await conv.add_user_audio(*user_audio)
+        first = conv.respond(max_frames=100)
+        async for event in first:
+            if isinstance(event, AudioChunk):
+                break
+        conv.cancel()  # a barge-in: the next reply is asked for before the first has wound down
+        await conv.add_user_text("Stop. What about tomorrow?")
+        second = [e async for e in conv.respond(max_frames=4)]
+        rest = [e async for e in first]
+        return rest, second
+
+    rest, second = asyncio.run(run())
+    assert isinstance(rest[-1], ResponseDone) and rest[-1].reason == "cancelled"
+    assert isinstance(second[-1], ResponseDone) and second[-1].usage.audio_frames == 4

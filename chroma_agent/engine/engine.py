@@ -106,6 +106,7 @@ class _Reply:
     running: bool = False  # its row takes part in steps
     on_device: bool = False  # what the host last wrote to the row's active flag
     inflight: int = 0  # launched steps whose results were not read yet
+    steps_read: int = 0  # step results read for it (the first one checked its prefill for non-finite values)
     finished: bool = False
     truncate_ms: float | None = None
     frames: int = 0
@@ -565,7 +566,9 @@ class Engine:
     def apply_respond(self, session: _Session, response: Response, note: Turn | None, max_frames: int | None,
                       sampling: SamplingParams | None, output_audio: bool, max_tokens: int | None) -> None:
         if session.reply is not None:
-            raise ConversationError("a reply is already in progress; cancel it first")
+            if not session.reply.response.cancel_requested:
+                raise ConversationError("a reply is already in progress; cancel it first")
+            self._finish(session.reply, "cancelled")  # cancelled, not yet wound down: end it now
         if not session.context.turns and note is None:
             raise ConversationError("the conversation is empty: add a user turn or instructions first")
         if note is not None:
@@ -741,6 +744,7 @@ class Engine:
                 row = result[reply.row]
                 if not row[k + 1]:
                     continue
+                reply.steps_read += 1
                 events: list = []
                 token, step, finish = int(row[k]), int(row[k + 4]), int(row[k + 3])
                 if token >= 0:
@@ -782,6 +786,12 @@ class Engine:
         reply.finished = True
         reply.response.finished = True
         self._stop_row(reply)
+        if not reply.steps_read and reply.job.done_tokens:
+            # Prefill wrote these slots but no step looked at them: if they hold a non-finite value (nothing
+            # has checked), later masked attention would multiply it by zero and still get NaN. Zero them.
+            first = reply.job.start
+            self.batch.thinker_cache.k[:, reply.row, first : first + reply.job.done_tokens].zero_()
+            self.batch.thinker_cache.v[:, reply.row, first : first + reply.job.done_tokens].zero_()
         for group in (self._prefilling, self._ready, self._running):
             if reply in group:
                 group.remove(reply)
