@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -108,6 +109,11 @@ class StepRunner:
                 def fn() -> None:
                     decode_step(model, view, text, sampled)
             if self.mode.startswith("compile"):
+                # One code object per (bucket, kind): dynamo keeps its compiled graphs per code object, and
+                # closures of one `def` share theirs (its recompile limit would be hit at a few buckets).
+                name = f"step_{kind.replace('+', '_')}_{n}"
+                fn = types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, None,
+                                        fn.__closure__)
                 log.info("compiling the %s step for %d rows (first use; about a minute on a small CPU)", kind, n)
                 options = {"cpp_wrapper": True} if self.batch.device.type == "cpu" else None
                 fn = torch.compile(fn, fullgraph=True, dynamic=False, options=options)
