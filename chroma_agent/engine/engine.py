@@ -866,17 +866,23 @@ def _settle(future: concurrent.futures.Future, *, result: Any = None, exc: BaseE
 
 
 class _Detokenizer:
-    """Streams text for growing token ids without splitting multi-byte characters."""
+    """Streams text for growing token ids without splitting multi-byte characters, in O(1) per token.
+
+    Only a window of recent ids is decoded each time (the ids since the last emitted text, plus the ones
+    before them for context), so a long reply costs the engine thread no more per token than a short one.
+    """
 
     def __init__(self, decode):
         self.decode = decode
         self.ids: list[int] = []
-        self.text = ""
+        self.prefix = 0  # window start
+        self.read = 0  # ids up to here are already emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        delta, self.text = text[len(self.text):], text
-        return delta
+        before = self.decode(self.ids[self.prefix : self.read])
+        text = self.decode(self.ids[self.prefix :])
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
+            return ""  # no new character yet (e.g. half of a multi-byte one)
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
