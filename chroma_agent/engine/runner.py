@@ -124,12 +124,12 @@ class StepRunner:
     def warm_up(self, progress: bool = True, kinds: tuple[str, ...] = KINDS) -> float:
         """Capture every (bucket, kind) now, with no row active; returns the seconds it took. (Plain `compile`
         compiles each function on first use instead: capturing is what must happen before any row runs.)"""
-        if not self.mode.endswith("cuda_graph") or not kinds:
+        keys = [(n, kind) for n in self.buckets for kind in kinds if (n, kind) not in self._graphs]
+        if not self.mode.endswith("cuda_graph") or not keys:
             return 0.0
         if self.batch.active.any() or self.batch.text_active.any():  # a sync, but only at startup
             raise RuntimeError("warm_up must run before any row is active")
         t0 = time.perf_counter()
-        keys = [(n, kind) for n in self.buckets for kind in kinds]
         for i, (n, kind) in enumerate(keys, start=1):
             t1 = time.perf_counter()
             self._capture(n, kind)
