@@ -41,9 +41,10 @@ def default_mode(device: torch.device) -> str:
     return "cuda_graph" if device.type == "cuda" else "eager"
 
 
-def default_buckets(rows: int, device: torch.device) -> list[int]:
-    """Powers of two up to `rows` on a GPU (each bucket is one graph); one bucket on CPU."""
-    if device.type != "cuda":
+def default_buckets(rows: int, mode: str) -> list[int]:
+    """Powers of two up to `rows`, so a lightly loaded engine runs small steps; a single bucket for a
+    compiled CPU step, where every bucket is another compile of about a minute."""
+    if mode == "compile" and rows > 1:
         return [rows]
     buckets, n = [], 1
     while n < rows:
@@ -76,7 +77,7 @@ class StepRunner:
             raise ValueError(f"step mode {mode!r} needs a CUDA device")
         self.batch = batch
         self.mode = mode
-        self.buckets = sorted(set(buckets or default_buckets(batch.rows, device)))
+        self.buckets = sorted(set(buckets or default_buckets(batch.rows, mode)))
         if self.buckets[-1] != batch.rows or self.buckets[0] < 1:
             raise ValueError(f"buckets {self.buckets} must be >= 1 and end at the batch size {batch.rows}")
         self._fns: dict[tuple[int, str], Callable[[], None]] = {}
