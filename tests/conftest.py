@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"  # in the repository: see its README.md
 
 
 def _fixture_dir() -> Path:
     override = os.environ.get("CHROMA_TINY_FIXTURE")
-    path = Path(override) if override else REPO.parent / "shared" / "fixtures" / "chroma-tiny"
+    path = Path(override) if override else FIXTURES / "chroma-tiny"
     if not (path / "config.json").is_file():
         raise RuntimeError(
-            f"the reference tiny checkpoint is missing at {path}; "
-            "set CHROMA_TINY_FIXTURE to the chroma-tiny folder"
+            f"the reference tiny checkpoint is missing at {path}: "
+            + ("CHROMA_TINY_FIXTURE names a folder without config.json" if override
+               else "tests/fixtures/chroma-tiny is part of the repository; restore it with git checkout")
         )
     return path
 
@@ -63,13 +65,13 @@ def user_pcm16(golden_dir: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def params_tsv(tiny_dir: Path) -> Path:
-    return tiny_dir.parent / "chroma-4b-params.tsv"
+def params_tsv() -> Path:
+    return FIXTURES / "chroma-4b-params.tsv"
 
 
 @pytest.fixture(scope="session")
-def full_config_json(tiny_dir: Path) -> Path:
-    return tiny_dir.parent / "chroma-4b-config.json"
+def full_config_json() -> Path:
+    return FIXTURES / "chroma-4b-config.json"
 
 
 @pytest.fixture(scope="session")
