@@ -17,6 +17,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
 from chroma_agent.audio import resample, to_pcm16
 from chroma_agent.cli import build_parser, main
+from chroma_agent.config import PlaygroundSettings
 from chroma_agent.webrtc.playground import TINY_MAX_REPLY_S, create_app, open_engine
 from chroma_agent.webrtc.session import (
     REPLY_RATE,
@@ -291,11 +292,11 @@ def test_offer_errors(make_engine, golden_voice):
 # --- the command --------------------------------------------------------------------------------------------
 
 
-def test_playground_command_defaults_and_usage_errors(capsys):
-    args = build_parser().parse_args(["playground"])
-    assert (args.model, args.host, args.port, args.device) == ("tiny", "127.0.0.1", 8080, "cpu")
-    assert main(["playground", "--voice-audio", "ref.wav"]) == 2
-    assert "--voice-audio and --voice-text go together" in capsys.readouterr().err
+def test_playground_command_defaults_and_usage_errors(capsys, golden_dir):
+    settings = PlaygroundSettings.from_args(build_parser().parse_args(["playground"]), env={})
+    assert (settings.model, settings.host, settings.port, settings.device) == ("tiny", "127.0.0.1", 8080, "auto")
+    assert main(["playground", "--voice-audio", str(golden_dir / "voice.wav")]) == 2
+    assert "--voice-audio and CHROMA_VOICE_TEXT / --voice-text go together" in capsys.readouterr().err
     assert main(["playground", "--model", "some/where", "--port", "0"]) == 2
     assert "needs a voice" in capsys.readouterr().err
     with socket.socket() as taken:

@@ -68,7 +68,9 @@ def test_settings_come_from_the_environment_and_flags_win(tmp_path):
         ({"LIVEKIT_URL": "localhost:7880"}, "LIVEKIT_URL / --url = 'localhost:7880': must start with wss://"),
         ({"CHROMA_VOICE": "../etc/passwd"}, "CHROMA_VOICE / --voice = '../etc/passwd': voice name"),
         ({"CHROMA_MODEL": "not a model"}, "neither an existing checkpoint folder nor a Hugging Face repo id"),
-        ({"CHROMA_VOICE_AUDIO": "/no/such/clip.wav"}, "voice_audio: file not found: /no/such/clip.wav"),
+        ({"CHROMA_VOICE_AUDIO": "/no/such/clip.wav"},
+         "CHROMA_VOICE_AUDIO / --voice-audio = '/no/such/clip.wav': file not found"),
+        ({"CHROMA_SERVER_URL": "gpu-box:8000"}, "CHROMA_SERVER_URL / --server-url = 'gpu-box:8000': must start"),
         ({"CHROMA_MAX_REPLY_SECONDS": "-1"}, "CHROMA_MAX_REPLY_SECONDS / --max-reply-seconds = '-1'"),
     ],
 )
@@ -85,7 +87,7 @@ def test_a_secret_is_never_echoed():
 
 
 def test_voice_audio_needs_its_transcript(golden_dir):
-    with pytest.raises(ConfigError, match="voice_audio needs voice_text"):
+    with pytest.raises(ConfigError, match="go together: CHROMA_VOICE_TEXT / --voice-text is missing"):
         WorkerConfig.from_env({"CHROMA_VOICE_AUDIO": str(golden_dir / "voice.wav")})
 
 
@@ -93,8 +95,8 @@ def test_each_command_says_what_it_is_missing(tiny_dir):
     with pytest.raises(ConfigError) as info:
         WorkerConfig.from_env({}).check_for("start")
     text = str(info.value)
-    assert "no model: set CHROMA_MODEL" in text and "LIVEKIT_URL is not set" in text
-    assert "LIVEKIT_API_SECRET is not set" in text
+    assert "LIVEKIT_URL is not set" in text and "LIVEKIT_API_SECRET is not set" in text
+    assert WorkerConfig.from_env({}).model == "FlashLabs/Chroma-4B"  # the default, as in every command
     WorkerConfig.from_env({"CHROMA_MODEL": str(tiny_dir)}).check_for("console")  # no server needed
     with pytest.raises(ConfigError, match="LIVEKIT_API_KEY"):
         config = WorkerConfig.from_env({"CHROMA_MODEL": str(tiny_dir), "LIVEKIT_URL": "ws://localhost:7880"})
@@ -193,7 +195,7 @@ def test_prewarm_loads_the_engine_once_and_reports_real_capacity(tiny_dir, golde
 def test_the_default_voice_must_exist(tiny_dir, tmp_path, shared_engines):
     config = WorkerConfig.from_env({}, model=str(tiny_dir), device="cpu", voice="support-anna",
                                    voices_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="CHROMA_VOICE 'support-anna' is not in .*voices there: none"):
+    with pytest.raises(ConfigError, match="CHROMA_VOICE / --voice = 'support-anna': .*stored voices: none"):
         worker.load_worker_engine(config)
     chroma.close_engines()
     with pytest.raises(ConfigError, match="no default voice: set CHROMA_VOICE"):

@@ -176,8 +176,9 @@ def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
     elif engine.default_voice is not None:
         profile = engine.default_voice
     else:
-        raise APIError(400, "this server has no default voice: name a stored voice with `voice`, or clone one "
-                       "with prompt_text + prompt_audio", param="voice", code="voice_required")
+        raise APIError(400, "voice: this server has no default voice: name a stored voice with `voice`, or clone "
+                       "one with prompt_text + prompt_audio (or start the server with --voice NAME, or "
+                       "--voice-audio CLIP --voice-text '...')", param="voice", code="voice_required")
     try:
         profile.require_compatible(engine.model.config)
     except VoiceError as exc:

@@ -349,7 +349,9 @@ class RealtimeConnection:
             self.voice = await asyncio.to_thread(self.engine.voices.get, names[0]) if names else None
         if self.voice is None:
             await self._send(self.events.error("the server has no voice to speak with (no default voice and no "
-                                               "stored voices)", code=ErrorCode.SERVER_ERROR, type="server_error"))
+                                               "stored voices): start it with --voice-audio CLIP --voice-text "
+                                               "'...' or store one with POST /v1/voices",
+                                               code=ErrorCode.SERVER_ERROR, type="server_error"))
             await self.ws.close(CLOSE_INTERNAL)
             return False
         try:
