@@ -300,3 +300,53 @@ def test_entrypoint_gives_each_call_its_settings(tiny_dir, golden_dir, voice_tex
     assert started["reply"] == {"instructions": "Say hello."}
     assert "phone call from sip_+15550100" in caplog.text
     assert "voice 'nobody' is not a stored voice" in caplog.text
+
+
+# --- remote mode: the model runs in a `chroma-agent serve` ------------------------------------------------------
+
+
+REMOTE = {"CHROMA_SERVER_URL": "http://gpu-box:8000", "CHROMA_VOICE": "support-anna"}
+
+
+def test_remote_mode_loads_no_model_and_each_call_talks_to_the_server(monkeypatch):
+    config = WorkerConfig.from_env(REMOTE)
+    assert config.remote
+    monkeypatch.setattr(worker, "load_worker_engine", lambda config: pytest.fail("must not load a model"))
+    proc = SimpleNamespace(userdata={})
+    worker.prewarm(proc, config=config)
+    assert "engine" not in proc.userdata and proc.userdata["vad"] is not None
+    model = worker.realtime_model(config, CallSettings(temperature=0.3), None)
+    assert model.options.base_url == "http://gpu-box:8000" and model.engine is None
+    assert model.options.voice == "support-anna" and model.options.temperature == 0.3  # the worker's default
+    assert worker.realtime_model(config, CallSettings(voice="other"), None).options.voice == "other"
+    # Load: this worker's calls over its --max-sessions (the server's slots are shared with other clients).
+    assert worker.worker_load(SimpleNamespace(active_jobs=[object()]), config=config) == 1 / 4
+
+
+def test_remote_mode_cannot_clone_a_voice(golden_dir):
+    with pytest.raises(ConfigError, match="clone the voice on the server"):
+        WorkerConfig.from_env({**REMOTE, "CHROMA_VOICE_AUDIO": str(golden_dir / "voice.wav"),
+                               "CHROMA_VOICE_TEXT": "Hello."})
+
+
+@pytest.mark.parametrize(("url", "health"), [
+    ("http://gpu-box:8000", "http://gpu-box:8000/health"),
+    ("https://chroma.example.com/v1/", "https://chroma.example.com/health"),
+    ("wss://chroma.example.com/v1/realtime", "https://chroma.example.com/health"),
+    ("ws://10.0.0.5:8000/prefix/v1", "http://10.0.0.5:8000/prefix/health"),
+])
+def test_the_server_is_probed_at_its_health_endpoint(url, health):
+    assert worker.health_url(url) == health
+
+
+def test_main_gives_up_on_a_server_that_never_answers(capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(worker, "_run_livekit_cli", lambda server, args: pytest.fail("must not register"))
+    with socket.socket() as probe:  # a port with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert worker.main(["console", "--server-url", f"http://127.0.0.1:{port}", "--load-timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"CHROMA_SERVER_URL / --server-url = 'http://127.0.0.1:{port}'" in err
+    assert "did not answer within 1 s" in err and "CHROMA_LOAD_TIMEOUT" in err
