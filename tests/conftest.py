@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,36 @@ def _fixture_dir() -> Path:
                else "tests/fixtures/chroma-tiny is part of the repository; restore it with git checkout")
         )
     return path
+
+
+# Where the browser tests look for Chromium: the same places, in the same order, as
+# scripts/install_browser_deps.sh (which installs one with apt only when none of these exists).
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+BROWSER_HINT = ("run scripts/install_browser_deps.sh (make test does), install Chromium or Chrome on PATH, "
+                "or set CHROMIUM=/path/to/chromium")
+
+
+def find_chromium() -> Path | None:
+    """$CHROMIUM (a path or a command), else the first of BROWSERS on PATH."""
+    override = os.environ.get("CHROMIUM")
+    names = (override,) if override else BROWSERS
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """The Chromium the browser tests drive. A missing one fails them (it is a test requirement, not an
+    optional extra), with what to do about it."""
+    found = find_chromium()
+    if found is None:
+        where = f"CHROMIUM={os.environ['CHROMIUM']} is not an executable" if os.environ.get("CHROMIUM") else (
+            f"none of {', '.join(BROWSERS)} is on PATH")
+        pytest.fail(f"no Chromium for the browser test: {where}; {BROWSER_HINT}")
+    return found
 
 
 @pytest.fixture(scope="session")
