@@ -90,6 +90,11 @@ def test_browser_talks_to_the_agent(playground_url, microphone_wav, tmp_path, ch
             page = context.new_page()
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.goto(playground_url)
+            # Before the first click: the noise warning, and (on localhost) no "no microphone here" warning.
+            page.wait_for_selector("#notice:not([hidden])", timeout=5000)
+            notice_before_click = page.inner_text("#notice")
+            insecure_shown = page.is_visible("#insecure")
+            remote_hint = page.inner_text("#remote-hint")
             page.click("#start")
 
             def wait(condition: str, what: str, timeout_s: float) -> None:
@@ -117,4 +122,7 @@ def test_browser_talks_to_the_agent(playground_url, microphone_wav, tmp_path, ch
     assert len(re.findall(r"time to first audio \d+ ms", shown)) >= 2, shown
     texts = [t["text"].strip() for t in heard if t["text"].strip()]
     assert texts and all(text in shown for text in texts), (texts, shown)
-    assert "random weights" in notice
+    assert "random weights" in notice and "random weights" in notice_before_click
+    assert not insecure_shown
+    port = playground_url.rstrip("/").rsplit(":", 1)[1]
+    assert f"ssh -N -L {port}:localhost:{port}" in remote_hint

@@ -18,7 +18,7 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from chroma_agent.audio import resample, to_pcm16
 from chroma_agent.cli import build_parser, main
 from chroma_agent.config import PlaygroundSettings
-from chroma_agent.webrtc.playground import TINY_MAX_REPLY_S, create_app, open_engine
+from chroma_agent.webrtc.playground import TINY_MAX_REPLY_S, create_app, open_engine, reach_hint
 from chroma_agent.webrtc.session import (
     REPLY_RATE,
     VAD_RATE,
@@ -287,6 +287,23 @@ def test_offer_errors(make_engine, golden_voice):
     assert script.status_code == 200
     for text in (page.text, script.text):  # everything is served from here: no CDN
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
+
+
+def test_the_page_says_before_any_click_what_the_model_is_and_how_to_reach_it(make_engine, golden_voice):
+    engine = make_engine(golden_default_voice=golden_voice, max_sessions=1)
+
+    async def get(app, path):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pg") as http:
+            return await http.get(path)
+
+    with_notice = asyncio.run(get(create_app(engine, notice="random weights: noise"), "/info"))
+    assert with_notice.json() == {"notice": "random weights: noise"}
+    assert asyncio.run(get(create_app(engine), "/info")).json() == {"notice": None}
+    page = asyncio.run(get(create_app(engine), "/")).text
+    # The microphone needs localhost or https: the page explains the SSH tunnel, and warns when it is neither.
+    assert 'id="insecure"' in page and 'id="remote-hint"' in page and "ssh -N -L" in page
+    assert "ssh -N -L 9000:localhost:9000" in reach_hint("0.0.0.0", 9000)
+    assert "https" in reach_hint("127.0.0.1", 8080) and "SSH" in reach_hint("127.0.0.1", 8080)
 
 
 # --- the command --------------------------------------------------------------------------------------------

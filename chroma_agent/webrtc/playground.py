@@ -82,6 +82,11 @@ def create_app(
             raise HTTPException(400, f"unusable offer: {exc}") from None
         return Answer(sdp=answer.sdp, type=answer.type, session=session.id)
 
+    @app.get("/info")
+    async def info() -> dict[str, str | None]:
+        """What the page shows before the first click (the tiny model's noise warning)."""
+        return {"notice": notice}
+
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
 
