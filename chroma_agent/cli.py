@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from chroma_agent.config import (
+    TINY_MAX_REPLY_S,
     DemoSettings,
     GenerateSettings,
     PlaygroundSettings,
@@ -23,6 +24,9 @@ from chroma_agent.config import (
 )
 
 log = logging.getLogger("chroma_agent")
+
+MAX_FRAMES = 750  # 60 s
+TINY_MAX_FRAMES = round(TINY_MAX_REPLY_S / 0.08)  # random weights almost never stop by themselves
 
 
 class UsageError(ValueError):
@@ -35,7 +39,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-frames", type=int, default=750, help="reply length limit in 80 ms frames")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help=f"reply length limit in 80 ms frames (default {MAX_FRAMES}; {TINY_MAX_FRAMES} for tiny)")
 
 
 # LiveKit Agents worker commands: livekit-agents' own CLI parses their options (see chroma_agent.worker).
@@ -114,7 +119,9 @@ def run_generate(args: argparse.Namespace) -> int:
     from chroma_agent.voices import VoiceStore, create_voice_profile
 
     settings = GenerateSettings.from_args(args)
-    if args.max_frames < 1:
+    max_frames = args.max_frames if args.max_frames is not None else (
+        TINY_MAX_FRAMES if settings.is_tiny else MAX_FRAMES)
+    if max_frames < 1:
         raise UsageError("--max-frames must be >= 1")
     if settings.voice is None and settings.voice_audio is None:
         raise UsageError("generate needs a voice: --voice NAME (a stored voice) or --voice-audio CLIP "
@@ -150,7 +157,7 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first_frame_s: float | None = None
     done: ReplyDone | None = None
-    for event in generate_reply(model, prompt, prefix, max_frames=args.max_frames, sampling=sampling):
+    for event in generate_reply(model, prompt, prefix, max_frames=max_frames, sampling=sampling):
         if isinstance(event, AudioFrame):
             frame = event.codes.clamp(0, top).to(model.device).reshape(1, -1, 1)
             chunks.append(mimi.decode(frame)[0].float().cpu().numpy())
