@@ -21,6 +21,7 @@ Configure it with flags or ``CHROMA_*`` / ``LIVEKIT_*`` environment variables (`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import logging
@@ -131,6 +132,24 @@ def health_url(server_url: str) -> str:
     return urllib.parse.urlunsplit((scheme, parts.netloc, f"{path}/health", "", ""))
 
 
+def remote_voice_exists(config: WorkerConfig, name: str) -> bool:
+    """Whether the ``--server-url`` server stores voice `name` (``GET /v1/voices/{name}``); when the server
+    cannot say, assume it does and let it decide."""
+    assert config.server_url is not None
+    url = health_url(config.server_url).removesuffix("/health") + "/v1/voices/" + urllib.parse.quote(name)
+    request = urllib.request.Request(url)
+    if config.server_api_key:
+        request.add_header("Authorization", f"Bearer {config.server_api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 404
+    except OSError as exc:
+        log.warning("could not ask %s whether it stores voice %r: %s", config.server_url, name, exc)
+        return True
+
+
 def realtime_model(config: WorkerConfig, settings: CallSettings, engine: Engine | None) -> chroma.RealtimeModel:
     """Chroma for one call: the worker's engine, or the ``--server-url`` server over /v1/realtime."""
     if config.remote:
@@ -176,10 +195,14 @@ async def entrypoint(ctx: JobContext, *, config: WorkerConfig) -> None:
             sip = {k: v for k, v in attributes.items() if k.startswith("sip.")}
             log.info("phone call from %s: %s", participant.identity, sip)
 
-    # In remote mode the server knows its voices: an unknown one is its error to report.
     settings = resolve_call_settings(job_metadata=ctx.job.metadata, room_metadata=room_metadata,
                                      attributes=attributes,
                                      voice_exists=None if engine is None else engine.voices.__contains__)
+    # The server would refuse an unknown voice and end the call: fall back to the default, as in-process.
+    if (engine is None and settings.voice is not None
+            and not await asyncio.to_thread(remote_voice_exists, config, settings.voice)):
+        log.warning("voice %r is not stored on %s; using the default voice", settings.voice, config.server_url)
+        settings = settings.model_copy(update={"voice": None})
     model = realtime_model(config, settings, engine)
     session = AgentSession(
         llm=model,

@@ -187,9 +187,15 @@ def test_the_image_command_starts_the_server(tmp_path):
     proc = start(entrypoint(image, env) + image["cmd"], env)
     try:
         health = wait_healthy(proc, f"http://127.0.0.1:{port}/health")
+        # No voice configured: the server runs, and a request that needs one is told how to give it one.
+        no_voice = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                              json={"model": "chroma", "messages": [{"role": "user", "content": "Hello?"}]})
     finally:
         output = stop(proc)
     assert health["status"] == "ok" and health["model_loaded"]
+    assert no_voice.status_code == 400 and no_voice.json()["error"]["code"] == "voice_required"
+    message = no_voice.json()["error"]["message"]
+    assert "prompt_audio" in message and "--voice-audio" in message and "`voice`" in message
     assert "building the tiny random checkpoint" in output  # in the container user's cache, once
     assert (tmp_path / "home" / ".cache" / "chroma-agent" / "tiny" / "config.json").is_file()
 

@@ -350,3 +350,37 @@ def test_main_gives_up_on_a_server_that_never_answers(capsys, monkeypatch):
     err = capsys.readouterr().err
     assert f"CHROMA_SERVER_URL / --server-url = 'http://127.0.0.1:{port}'" in err
     assert "did not answer within 1 s" in err and "CHROMA_LOAD_TIMEOUT" in err
+
+
+
+def test_remote_calls_ask_the_server_for_their_voice(make_engine, golden_voice, monkeypatch, caplog):
+    """A call naming a voice the server lacks speaks with the default one instead of failing (a real server)."""
+    import asyncio
+
+    from chroma_agent.server.app import create_app
+    from chroma_agent.server.runner import ServerThread
+
+    engine = make_engine(golden_default_voice=golden_voice)
+    engine.voices.save(golden_voice)
+    with ServerThread(create_app(engine)) as server:
+        config = WorkerConfig.from_env({"CHROMA_SERVER_URL": server.url})
+        assert worker.remote_voice_exists(config, "golden") and not worker.remote_voice_exists(config, "nobody")
+        seen = []
+
+        class FakeSession:
+            def __init__(self, **kwargs):
+                seen.append(kwargs["llm"])
+
+            async def start(self, **kwargs):
+                pass
+
+        monkeypatch.setattr(worker, "AgentSession", FakeSession)
+        for voice in ("golden", "nobody"):
+            ctx = SimpleNamespace(proc=SimpleNamespace(userdata={"vad": object()}),
+                                  job=SimpleNamespace(metadata=json.dumps({"voice": voice})),
+                                  room=SimpleNamespace(name="room", metadata=""), is_fake_job=lambda: True)
+            with caplog.at_level(logging.WARNING, logger="chroma_agent.worker"):
+                asyncio.run(worker.entrypoint(ctx, config=config))
+    assert [model.options.voice for model in seen] == ["golden", None]
+    assert all(model.options.base_url == server.url for model in seen)
+    assert "voice 'nobody' is not stored on" in caplog.text
