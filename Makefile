@@ -43,7 +43,7 @@ demo: $(STAMP)
 
 # The same pipeline once from the command line: synthetic question in, build/demo/reply.wav out.
 demo-cli: $(STAMP)
-	$(VENV)/bin/chroma-agent demo --model tiny --out build/demo
+	$(VENV)/bin/chroma-agent demo --model tiny --out-dir build/demo
 
 bench: $(STAMP)
 	$(PY) bench/bench_generate.py

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = _sub(sub, "demo", "run the whole pipeline once on a tiny model with synthetic audio")
     add_flags(demo, DemoSettings)
-    demo.add_argument("--out", type=Path, default=Path("build/demo"), help="folder for the clips and the reply")
+    demo.add_argument("--out-dir", type=Path, default=Path("build/demo"),
+                      help="folder for the clips and the reply (default build/demo)")
+    demo.add_argument("--out", dest="out_dir", type=Path, help=argparse.SUPPRESS)  # its old name
 
     play = _sub(sub, "playground", "talk to the agent from a browser (WebRTC, no LiveKit server)")
     add_flags(play, PlaygroundSettings)
@@ -209,23 +211,23 @@ def run_demo(args: argparse.Namespace) -> int:
 
     settings = DemoSettings.from_args(args)
     model = settings.checkpoint()
-    args.out.mkdir(parents=True, exist_ok=True)
-    sf.write(str(args.out / "voice.wav"), _synthetic_clip(3.0, 24000, 180.0, 1), 24000, subtype="PCM_16")
-    sf.write(str(args.out / "question.wav"), _synthetic_clip(2.0, 16000, 120.0, 2), 16000, subtype="PCM_16")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    sf.write(str(args.out_dir / "voice.wav"), _synthetic_clip(3.0, 24000, 180.0, 1), 24000, subtype="PCM_16")
+    sf.write(str(args.out_dir / "question.wav"), _synthetic_clip(2.0, 16000, 120.0, 2), 16000, subtype="PCM_16")
     conversation = [
         {"role": "system", "content": "You are Chroma, a helpful voice assistant."},
         {"role": "user", "content": [{"type": "audio", "audio": "question.wav"}]},
     ]
-    (args.out / "conversation.json").write_text(json.dumps(conversation, indent=2) + "\n")
+    (args.out_dir / "conversation.json").write_text(json.dumps(conversation, indent=2) + "\n")
     print("Chroma demo: tiny random model, synthetic audio. The tiny model speaks noise; use real weights")
     print("(--model FlashLabs/Chroma-4B on a GPU) for speech. See README.md.\n")
     gen_args = build_parser().parse_args(
         [
             "generate", "--model", model, "--device", settings.device, "--dtype", settings.dtype,
-            "--messages", str(args.out / "conversation.json"),
-            "--voice-audio", str(args.out / "voice.wav"), "--voice-text", "Hello, this is the voice to clone.",
-            "--out", str(args.out / "reply.wav"), "--max-frames", "50", "--seed", "0",
-            "--codes-out", str(args.out / "reply_codes.npy"), "--text-out", str(args.out / "reply.txt"),
+            "--messages", str(args.out_dir / "conversation.json"),
+            "--voice-audio", str(args.out_dir / "voice.wav"), "--voice-text", "Hello, this is the voice to clone.",
+            "--out", str(args.out_dir / "reply.wav"), "--max-frames", "50", "--seed", "0",
+            "--codes-out", str(args.out_dir / "reply_codes.npy"), "--text-out", str(args.out_dir / "reply.txt"),
         ]
     )
     return run_generate(gen_args)

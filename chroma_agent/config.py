@@ -207,7 +207,7 @@ class ModelSettings(Settings):
 
     def checkpoint(self) -> str:
         """The folder or repo id to load: `tiny` is built into the cache the first time."""
-        return str(ensure_tiny_checkpoint()) if self.is_tiny else self.model
+        return str(ensure_tiny_checkpoint(TINY_DIR)) if self.is_tiny else self.model
 
     def torch_device(self) -> tuple[str, str]:
         """(device, dtype) with `auto` resolved; a device this machine lacks is a SettingsError."""
