@@ -49,7 +49,7 @@ from livekit.agents import (
 # not in the job threads.
 from livekit.plugins import chroma, silero
 
-from chroma_agent.config import add_flags, describe
+from chroma_agent.config import TINY_MAX_REPLY_S, add_flags, describe
 from chroma_agent.worker_config import (
     COMMANDS,
     NEEDS_LIVEKIT,
@@ -77,7 +77,8 @@ def load_worker_engine(config: WorkerConfig) -> Engine:
     device, dtype = config.torch_device()
     engine = chroma.load_engine(config.checkpoint(), device=device, dtype=dtype,
                                 voices_dir=config.voices_dir, max_sessions=config.max_sessions,
-                                max_reply_s=config.engine_config().max_reply_s)
+                                max_reply_s=min(config.max_reply_seconds, TINY_MAX_REPLY_S) if config.is_tiny
+                                else config.max_reply_seconds)
     if engine.default_voice is not None:
         return engine
     engine.default_voice = config.default_voice(engine)
