@@ -28,8 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The browser tests need a Chromium (found on PATH or $CHROMIUM; else apt-get installs Debian's, log in build/apt.log)
-# and the playwright package (never playwright's own browser download).
+# The browser tests need a Chromium (found on PATH or $CHROMIUM) and the playwright package (never playwright's own
+# browser download); the docs' examples need curl and jq. apt-get installs what is missing (log: build/apt.log).
 browser-deps: $(STAMP)
 	PY=$(PY) scripts/install_browser_deps.sh
 
