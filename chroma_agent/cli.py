@@ -282,8 +282,16 @@ def run_serve(args: argparse.Namespace) -> int:
     from chroma_agent.server.settings import ServerSettings
 
     settings = ServeSettings.from_args(args)
-    server = ServerSettings(api_key=settings.api_key, assets_dir=settings.assets_dir,
-                            max_request_bytes=max(1024, int(settings.max_request_mb * 1024 * 1024)))
+    try:
+        server = ServerSettings(api_key=settings.api_key, assets_dir=settings.assets_dir,
+                                max_request_bytes=max(1024, int(settings.max_request_mb * 1024 * 1024)),
+                                max_audio_samples=settings.max_audio_samples,
+                                header_timeout_s=settings.header_timeout_s,
+                                max_header_bytes=settings.max_header_kb * 1024,
+                                max_connections=settings.max_connections or None,  # 0: no cap
+                                docs=not settings.no_docs)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     settings.torch_device()  # a missing GPU fails now, not after the port is taken
     settings.stored_voice()  # so does an unknown --voice
     with _listen(settings.host, settings.port) as sock:

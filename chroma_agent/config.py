@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from chroma_agent.server.settings import ServerSettings  # a plain dataclass: imports nothing heavy
+
 if TYPE_CHECKING:
     from chroma_agent.engine.engine import Engine, EngineConfig
     from chroma_agent.voices import VoiceProfile
@@ -86,6 +88,14 @@ SOURCES: dict[str, Source] = {
                          "folder whose files requests may name as audio (FlashLabs' `assets/...` paths)",
                          unset="none (paths are refused)"),
     "max_request_mb": Source("--max-request-mb", ("CHROMA_MAX_REQUEST_MB",), "largest request body, in MB"),
+    "max_audio_samples": Source("--max-audio-samples", ("CHROMA_MAX_AUDIO_SAMPLES",),
+                                "most samples (frames x channels) one audio file may decode to"),
+    "header_timeout_s": Source("--header-timeout-s", ("CHROMA_HEADER_TIMEOUT_S",),
+                               "seconds a request's headers may take to arrive, else 408"),
+    "max_header_kb": Source("--max-header-kb", ("CHROMA_MAX_HEADER_KB",), "largest request headers, else 431"),
+    "max_connections": Source("--max-connections", ("CHROMA_MAX_CONNECTIONS",),
+                              "open connections beyond this get 503 at once; 0: no cap"),
+    "no_docs": Source("--no-docs", ("CHROMA_NO_DOCS",), "do not serve /docs, /redoc and /openapi.json"),
     "server_url": Source("--server-url", ("CHROMA_SERVER_URL",),
                          "a `chroma-agent serve` to talk to over /v1/realtime instead of loading the model "
                          "in the worker", unset="none (the model runs in the worker)"),
@@ -298,7 +308,7 @@ class VoiceSettings(Settings):
         if self.voice_audio is not None:
             try:
                 profile = engine.create_voice(self.voice_audio, self.voice_text or "", name=self.voice or "default",
-                                              save=self.voice is not None)
+                                              save=self.voice is not None).result()
             except VoiceError as exc:
                 raise SettingsError(f"{describe('voice_audio')} = '{self.voice_audio}': {exc}") from None
             log.info("default voice cloned from %s%s", self.voice_audio,
@@ -358,12 +368,21 @@ class EngineSettings(ModelSettings, VoiceSettings, SessionSettings):
         return engine
 
 
+_SERVER_DEFAULTS = ServerSettings()
+
+
 class ServeSettings(EngineSettings, ListenSettings):
     command: ClassVar[str] = "serve"
 
     api_key: str | None = Field(None, repr=False)
     assets_dir: Path | None = None
     max_request_mb: float = Field(50.0, gt=0)
+    # Connection and decoding limits (docs/api.md, "Limits"): ServerSettings' own defaults.
+    max_audio_samples: int = Field(_SERVER_DEFAULTS.max_audio_samples, ge=1)
+    header_timeout_s: float = Field(_SERVER_DEFAULTS.header_timeout_s, gt=0)
+    max_header_kb: int = Field(_SERVER_DEFAULTS.max_header_bytes // 1024, ge=1)
+    max_connections: int = Field(_SERVER_DEFAULTS.max_connections or 0, ge=0)
+    no_docs: bool = False
 
     @field_validator("api_key", "assets_dir", mode="before")
     @classmethod
@@ -438,10 +457,12 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Settings], names: Itera
         source = SOURCES[name]
         env = " or ".join(source.env)
         note = f"; {source.note}" if source.note else ""
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"metavar": source.env[0]}
         if name == "dtype":
             kwargs["choices"] = DTYPES
-        parser.add_argument(source.flag, dest=name, default=None, metavar=source.env[0], **kwargs,
+        if cls.model_fields[name].annotation is bool:  # a switch: present means true (else the variable says)
+            kwargs = {"action": "store_const", "const": True}
+        parser.add_argument(source.flag, dest=name, default=None, **kwargs,
                             help=f"{source.help} [{env}; default: {_default_cell(cls, name).strip('`')}{note}]")
 
 

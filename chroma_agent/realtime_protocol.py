@@ -32,6 +32,7 @@ __all__ = [
     "BETA_HEADER_VALUE",
     "BETA_SUBPROTOCOL",
     "CHANNELS",
+    "DEFAULT_TURN_DETECTION",
     "FRAME_BYTES",
     "FRAME_MS",
     "FRAME_SAMPLES",
@@ -49,6 +50,7 @@ __all__ = [
     "ConversationItemTruncate",
     "Dialect",
     "ErrorCode",
+    "Modality",
     "InputAudioBufferAppend",
     "InputAudioBufferClear",
     "InputAudioBufferCommit",
@@ -87,13 +89,21 @@ BETA_SUBPROTOCOL = "openai-beta.realtime-v1"
 BETA_HEADER = "OpenAI-Beta"
 BETA_HEADER_VALUE = "realtime=v1"
 
-#: OpenAI's built-in voice names. Clients such as livekit-plugins-openai send one by default; the server maps
-#: them to its default voice instead of refusing the session.
+#: OpenAI's built-in voice names (chat completions' and realtime's, as the `openai` SDK lists them). Clients
+#: such as livekit-plugins-openai send one by default; the server maps them to its configured default voice.
 OPENAI_VOICES = frozenset(
-    {"alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"}
+    {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse", "marin",
+     "cedar"}
 )
 
+#: Server VAD as OpenAI sessions start with it (OpenAI's documented defaults).
+DEFAULT_TURN_DETECTION: Mapping[str, Any] = {
+    "type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+    "create_response": True, "interrupt_response": True,
+}
+
 Dialect = Literal["ga", "beta"]
+Modality = Literal["audio", "text"]  # what a reply is made of: audio with its transcript, or text only
 
 
 def audio_ms(n_bytes: int) -> int:
@@ -177,7 +187,7 @@ class ServerEventType:
     RESPONSE_OUTPUT_AUDIO_DONE = "response.output_audio.done"
     RESPONSE_OUTPUT_AUDIO_TRANSCRIPT_DELTA = "response.output_audio_transcript.delta"
     RESPONSE_OUTPUT_AUDIO_TRANSCRIPT_DONE = "response.output_audio_transcript.done"
-    RESPONSE_OUTPUT_TEXT_DELTA = "response.output_text.delta"  # not sent (audio is always on); named for clients
+    RESPONSE_OUTPUT_TEXT_DELTA = "response.output_text.delta"  # text-only replies; beta: response.text.delta
     RESPONSE_OUTPUT_TEXT_DONE = "response.output_text.done"
     RESPONSE_CONTENT_PART_DONE = "response.content_part.done"
     RESPONSE_OUTPUT_ITEM_DONE = "response.output_item.done"
@@ -232,7 +242,11 @@ class ErrorCode:
     MESSAGE_TOO_LARGE = "message_too_large"
     RATE_LIMITED = "rate_limit_exceeded"
     COMMIT_EMPTY = "input_audio_buffer_commit_empty"
-    ITEM_NOT_FOUND = "item_not_found"
+    ITEM_NOT_FOUND = "item_not_found"  # an unknown previous_item_id
+    ITEM_RETRIEVE_INVALID_ID = "item_retrieve_invalid_item_id"
+    ITEM_TRUNCATE_INVALID_ID = "item_truncate_invalid_item_id"
+    ITEM_DELETE_INVALID_ID = "item_delete_invalid_item_id"
+    VOICE_REQUIRED = "voice_required"  # an audio reply, no voice chosen, and no default voice configured
     DUPLICATE_ITEM_ID = "item_create_duplicate_item_id"
     ACTIVE_RESPONSE = "conversation_already_has_active_response"
     CANCEL_NOT_ACTIVE = "response_cancel_not_active"
@@ -564,20 +578,26 @@ class ServerEvents:
             "output_token_details": {"text_tokens": output_text, "audio_tokens": output_audio},
         }
 
+    def modalities(self, modality: Modality) -> list[str]:
+        """A reply's modalities as the dialect spells them (GA: one of audio/text; beta: text is always on)."""
+        if self.dialect == "ga":
+            return [modality]
+        return ["text"] if modality == "text" else ["audio", "text"]
+
     def response(self, response_id: str, *, status: str = "in_progress", output: list[dict[str, Any]] | None = None,
                  metadata: dict[str, str] | None = None, usage: dict[str, Any] | None = None,
                  status_details: dict[str, Any] | None = None, voice: str | None = None,
-                 max_output_tokens: int | str = "inf") -> dict[str, Any]:
+                 max_output_tokens: int | str = "inf", modality: Modality = "audio") -> dict[str, Any]:
         body: dict[str, Any] = {
             "object": "realtime.response", "id": response_id, "status": status, "status_details": status_details,
             "output": output or [], "conversation_id": "conv_default", "metadata": metadata, "usage": usage,
         }
         if self.dialect == "ga":
-            body["output_modalities"] = ["audio"]
+            body["output_modalities"] = self.modalities(modality)
             body["max_output_tokens"] = max_output_tokens
             body["audio"] = {"output": {"format": dict(AUDIO_FORMAT), "voice": voice}}
         else:
-            body["modalities"] = ["audio", "text"]
+            body["modalities"] = self.modalities(modality)
             body["max_output_tokens"] = max_output_tokens
             body["output_audio_format"] = BETA_AUDIO_FORMAT
             body["voice"] = voice
@@ -585,12 +605,12 @@ class ServerEvents:
 
     def session(self, *, session_id: str, model: str, instructions: str, voice: str | None,
                 turn_detection: dict[str, Any] | None, max_output_tokens: int | str,
-                temperature: float | None) -> dict[str, Any]:
+                temperature: float | None, modality: Modality = "audio") -> dict[str, Any]:
         """The effective session, as ``session.created`` / ``session.updated`` report it."""
         if self.dialect == "ga":
             body: dict[str, Any] = {
                 "type": "realtime", "object": "realtime.session", "id": session_id, "model": model,
-                "output_modalities": ["audio"], "instructions": instructions,
+                "output_modalities": self.modalities(modality), "instructions": instructions,
                 "audio": {
                     "input": {"format": dict(AUDIO_FORMAT), "transcription": None, "noise_reduction": None,
                               "turn_detection": turn_detection},
@@ -600,7 +620,8 @@ class ServerEvents:
             }
         else:
             body = {
-                "object": "realtime.session", "id": session_id, "model": model, "modalities": ["audio", "text"],
+                "object": "realtime.session", "id": session_id, "model": model,
+                "modalities": self.modalities(modality),
                 "instructions": instructions, "voice": voice, "input_audio_format": BETA_AUDIO_FORMAT,
                 "output_audio_format": BETA_AUDIO_FORMAT, "input_audio_transcription": None,
                 "turn_detection": turn_detection, "tools": [], "tool_choice": "auto",
@@ -665,12 +686,17 @@ class ServerEvents:
         return self._event(ServerEventType.RESPONSE_OUTPUT_ITEM_ADDED, response_id=response_id,
                            output_index=output_index, item=item)
 
+    @staticmethod
+    def _part(modality: Modality, text: str) -> dict[str, Any]:
+        # ``part.type`` is "audio" or "text" in both dialects (unlike item content types)
+        return {"type": "audio", "transcript": text} if modality == "audio" else {"type": "text", "text": text}
+
     def content_part_added(self, response_id: str, item_id: str, transcript: str = "", output_index: int = 0,
-                           content_index: int = 0) -> dict[str, Any]:
-        """The reply's audio part opens (``part.type`` is ``"audio"`` in both dialects)."""
+                           content_index: int = 0, modality: Modality = "audio") -> dict[str, Any]:
+        """The reply's audio (or, for a text-only reply, text) part opens."""
         return self._event(ServerEventType.RESPONSE_CONTENT_PART_ADDED, response_id=response_id, item_id=item_id,
                            output_index=output_index, content_index=content_index,
-                           part={"type": "audio", "transcript": transcript})
+                           part=self._part(modality, transcript))
 
     def audio_delta(self, response_id: str, item_id: str, pcm: bytes, output_index: int = 0,
                     content_index: int = 0) -> dict[str, Any]:
@@ -693,11 +719,22 @@ class ServerEvents:
                            item_id=item_id, output_index=output_index, content_index=content_index,
                            transcript=transcript)
 
+    def text_delta(self, response_id: str, item_id: str, text: str, output_index: int = 0,
+                   content_index: int = 0) -> dict[str, Any]:
+        """Text of a text-only reply (GA ``response.output_text.delta``, beta ``response.text.delta``)."""
+        return self._event(ServerEventType.RESPONSE_OUTPUT_TEXT_DELTA, response_id=response_id, item_id=item_id,
+                           output_index=output_index, content_index=content_index, delta=text)
+
+    def text_done(self, response_id: str, item_id: str, text: str, output_index: int = 0,
+                  content_index: int = 0) -> dict[str, Any]:
+        return self._event(ServerEventType.RESPONSE_OUTPUT_TEXT_DONE, response_id=response_id, item_id=item_id,
+                           output_index=output_index, content_index=content_index, text=text)
+
     def content_part_done(self, response_id: str, item_id: str, transcript: str, output_index: int = 0,
-                          content_index: int = 0) -> dict[str, Any]:
+                          content_index: int = 0, modality: Modality = "audio") -> dict[str, Any]:
         return self._event(ServerEventType.RESPONSE_CONTENT_PART_DONE, response_id=response_id, item_id=item_id,
                            output_index=output_index, content_index=content_index,
-                           part={"type": "audio", "transcript": transcript})
+                           part=self._part(modality, transcript))
 
     def output_item_done(self, response_id: str, item: dict[str, Any], output_index: int = 0) -> dict[str, Any]:
         return self._event(ServerEventType.RESPONSE_OUTPUT_ITEM_DONE, response_id=response_id,
@@ -721,8 +758,8 @@ class ClientEvents:
     def session_update(cls, *, instructions: str | None = None, voice: str | None = None,
                        turn_detection: dict[str, Any] | None | Literal["unset"] = "unset",
                        max_output_tokens: int | str | None = None, temperature: float | None = None,
-                       event_id: str | None = None) -> dict[str, Any]:
-        session: dict[str, Any] = {"type": "realtime", "output_modalities": ["audio"]}
+                       output_modalities: list[str] | None = None, event_id: str | None = None) -> dict[str, Any]:
+        session: dict[str, Any] = {"type": "realtime", "output_modalities": list(output_modalities or ["audio"])}
         audio_in: dict[str, Any] = {"format": dict(AUDIO_FORMAT)}
         audio_out: dict[str, Any] = {"format": dict(AUDIO_FORMAT)}
         if turn_detection != "unset":
@@ -789,8 +826,11 @@ class ClientEvents:
 
     @classmethod
     def response_create(cls, *, instructions: str | None = None, metadata: dict[str, str] | None = None,
-                        max_output_tokens: int | str | None = None, event_id: str | None = None) -> dict[str, Any]:
+                        max_output_tokens: int | str | None = None, output_modalities: list[str] | None = None,
+                        event_id: str | None = None) -> dict[str, Any]:
         response: dict[str, Any] = {}
+        if output_modalities is not None:
+            response["output_modalities"] = list(output_modalities)
         if instructions is not None:
             response["instructions"] = instructions
         if metadata is not None:

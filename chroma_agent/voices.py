@@ -47,7 +47,10 @@ __all__ = [
     "VoiceError",
     "VoiceProfile",
     "VoiceStore",
+    "VoiceClip",
     "create_voice_profile",
+    "finish_voice_profile",
+    "prepare_voice_clip",
     "fingerprint",
     "validate_voice_name",
 ]
@@ -378,8 +381,19 @@ class VoiceProfile:
             raise VoiceError(f"voice file {shown}: {exc}") from None
 
 
-def create_voice_profile(
-    model: ChromaModel,
+@dataclass(frozen=True)
+class VoiceClip:
+    """A voice clip checked and resampled to the codec rate, with its transcript's ids: ready to encode."""
+
+    name: str | None
+    transcript: str
+    text_ids: torch.Tensor  # int64 [T]
+    waveform: torch.Tensor  # float32 [samples] at the codec rate
+    duration_s: float
+
+
+def prepare_voice_clip(
+    config: ChromaConfig,
     processor: ChromaProcessor,
     audio: AudioSource,
     transcript: str,
@@ -387,12 +401,8 @@ def create_voice_profile(
     name: str | None = None,
     sample_rate: int | None = None,
     allow_paths: bool = True,
-) -> VoiceProfile:
-    """Clone a voice once: the clip's codes and the transcript's ids, ready to be stored and reused.
-
-    ``audio`` is anything :func:`chroma_agent.audio.load_audio` accepts, at any rate, mono or multi-channel.
-    The transcript must be what the clip says: the backbone learns the voice from the pairing.
-    """
+) -> VoiceClip:
+    """Everything of cloning but the Mimi encode: checks, decoding, resampling, tokenizing (any thread)."""
     if name is not None:
         validate_voice_name(name)
     if not isinstance(transcript, str) or not transcript.strip():
@@ -403,7 +413,7 @@ def create_voice_profile(
             f"transcript is {len(transcript)} characters; at most {MAX_TRANSCRIPT_CHARS} for a "
             f"{MAX_CLIP_SECONDS:g} s clip"
         )
-    rate = int(model.config.sample_rate)
+    rate = int(config.sample_rate)
     if processor.voice_sample_rate != rate:
         raise VoiceError(
             f"processor resamples voices to {processor.voice_sample_rate} Hz but the codec runs at {rate} Hz: "
@@ -423,34 +433,59 @@ def create_voice_profile(
         raise VoiceError(f"voice clip is {duration:.2f} s long; at least {MIN_CLIP_SECONDS:g} s is needed")
     if duration > MAX_CLIP_SECONDS + 1.0 / rate:  # resampling may round the length up by one sample
         raise VoiceError(f"voice clip is {duration:.1f} s long; at most {MAX_CLIP_SECONDS:g} s is accepted")
+    if not bool(torch.isfinite(wave).all()):
+        raise VoiceError("voice clip has non-finite samples (NaN or infinity)")
     rms = float(wave.double().pow(2).mean().sqrt())
     peak = float(wave.abs().max())
     if rms < SILENCE_RMS or peak < SILENCE_PEAK:
         raise VoiceError(f"voice clip is silent (RMS {rms:.1e}, peak {peak:.1e}): nothing to clone")
+    return VoiceClip(name, transcript, prompt.text_ids.reshape(-1), wave, duration)
 
-    codes = model.encode_voice_codes(wave).to("cpu")
-    text_ids = prompt.text_ids.reshape(-1)
-    if codes.ndim != 2 or codes.shape[0] != model.config.num_codebooks or codes.shape[1] == 0:
+
+def finish_voice_profile(config: ChromaConfig, clip: VoiceClip, codes: torch.Tensor) -> VoiceProfile:
+    """The profile of a prepared clip, given its Mimi codes [K, frames]."""
+    if codes.ndim != 2 or codes.shape[0] != config.num_codebooks or codes.shape[1] == 0:
         raise VoiceError(f"the codec returned codes of shape {tuple(codes.shape)}; expected [K, frames]")
-    voice_name = name if name is not None else f"voice-{_content_id(text_ids, codes)[:8]}"
+    voice_name = clip.name if clip.name is not None else f"voice-{_content_id(clip.text_ids, codes)[:8]}"
     profile = VoiceProfile(
         name=voice_name,
-        transcript=transcript,
-        text_ids=text_ids,
+        transcript=clip.transcript,
+        text_ids=clip.text_ids,
         codes=codes,
-        duration_s=duration,
-        model_fingerprint=fingerprint(model.config),
+        duration_s=clip.duration_s,
+        model_fingerprint=fingerprint(config),
     )
     logger.info(
         "voice %r: cloned %.2f s clip into %d frames x %d codebooks (id %s)",
         profile.name,
-        duration,
+        clip.duration_s,
         profile.frames,
         profile.num_codebooks,
         profile.id,
         extra={"voice": profile.name},
     )
     return profile
+
+
+def create_voice_profile(
+    model: ChromaModel,
+    processor: ChromaProcessor,
+    audio: AudioSource,
+    transcript: str,
+    *,
+    name: str | None = None,
+    sample_rate: int | None = None,
+    allow_paths: bool = True,
+) -> VoiceProfile:
+    """Clone a voice once: the clip's codes and the transcript's ids, ready to be stored and reused.
+
+    ``audio`` is anything :func:`chroma_agent.audio.load_audio` accepts, at any rate, mono or multi-channel.
+    The transcript must be what the clip says: the backbone learns the voice from the pairing. (A running
+    engine clones with `Engine.create_voice`, which does the same off its step loop.)
+    """
+    clip = prepare_voice_clip(model.config, processor, audio, transcript, name=name, sample_rate=sample_rate,
+                              allow_paths=allow_paths)
+    return finish_voice_profile(model.config, clip, model.encode_voice_codes(clip.waveform).to("cpu"))
 
 
 class VoiceStore:

@@ -62,7 +62,7 @@ def clone_local(audio: Path, text: str, name: str, *, model: str, voices_dir: st
         raise CloneError(f"cannot load the model {model}: {exc}") from None
     with engine:
         try:
-            profile = engine.create_voice(audio, text, name=name, save=True)
+            profile = engine.create_voice(audio, text, name=name, save=True).result()
         except VoiceError as exc:
             raise CloneError(str(exc)) from None
     return {**profile.to_json(), "path": str(store.path_for(name))}

@@ -145,3 +145,57 @@ def make_engine(tiny_parts, tmp_path):
     yield make
     for eng in engines:
         eng.close()
+
+
+class EngineState:
+    """A conversation's engine-side state, read on the engine thread (the only thread that may touch it).
+
+    Tests use it to look inside; front ends never need it.
+    """
+
+    def __init__(self, engine, session_id: str):
+        self.engine = engine
+        self.session_id = session_id
+
+    def view(self):
+        engine = self.engine
+        return engine.post(None, None, lambda *_: engine._sessions[self.session_id].view()).result(timeout=10)
+
+    @property
+    def history(self) -> list[dict]:
+        """Turns after the instructions: role, text, audio seconds."""
+        return [h for h, t in zip(self.view().history, self.view().turns, strict=True) if not t.instructions]
+
+    @property
+    def turns(self):
+        return self.view().turns
+
+    @property
+    def instructions(self) -> str | None:
+        return next((t.text for t in self.view().turns if t.instructions), None)
+
+    @property
+    def voice(self):
+        engine = self.engine
+        return engine.post(None, None, lambda *_: engine._sessions[self.session_id].voice).result(timeout=10)
+
+    @property
+    def replying(self) -> bool:
+        return self.view().replying
+
+    @property
+    def response(self):
+        """The running reply's `Response` (its counters are plain attributes, safe to read from here)."""
+        engine = self.engine
+
+        def current():
+            reply = engine._sessions[self.session_id].reply
+            return None if reply is None else reply.response
+
+        return engine.post(None, None, lambda *_: current()).result(timeout=10)
+
+
+def engine_sessions(engine) -> list[EngineState]:
+    """Every open conversation of an engine."""
+    ids = engine.post(None, None, lambda *_: list(engine._sessions)).result(timeout=10)
+    return [EngineState(engine, sid) for sid in ids]

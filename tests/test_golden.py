@@ -90,7 +90,7 @@ def test_first_step_tensors_match(model, prompt, prefix, golden_outputs):
 
         seen: list[torch.Tensor] = []
 
-        def greedy_recording(logits: torch.Tensor) -> torch.Tensor:
+        def greedy_recording(logits: torch.Tensor, codebook: int) -> torch.Tensor:
             seen.append(logits[0])
             return logits.argmax(-1)
 

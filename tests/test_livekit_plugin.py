@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import EngineState
 from livekit import rtc
 from livekit.agents import Agent, AgentSession, llm, utils
 from livekit.agents.metrics import RealtimeModelMetrics
@@ -160,8 +161,9 @@ def make_model(engine, **kwargs) -> chroma.RealtimeModel:
     return chroma.RealtimeModel(engine=engine, **kwargs)
 
 
-def engine_conversation(rt: chroma.RealtimeSession):
-    return rt.conversation.conversation
+def engine_conversation(rt: chroma.RealtimeSession) -> EngineState:
+    conv = rt.conversation.conversation
+    return EngineState(conv.engine, conv.id)
 
 
 # --- a real AgentSession ------------------------------------------------------------------------------------
@@ -241,7 +243,8 @@ def test_agent_session_speaks_is_interrupted_and_goes_on(engine, case, user_audi
         await user_turn()
         await until(lambda: len(metrics) == 3 and session.agent_state == "listening", 15, "the third reply")
         assert len(sink.frames) - third == GOLDEN_FRAMES
-        assert [t["role"] for t in conv.history] == ["system"] + ["user", "assistant"] * 3
+        assert [t["role"] for t in conv.history] == ["user", "assistant"] * 3
+        assert conv.instructions == case["system_prompt"]
 
         # A typed turn goes through update_chat_ctx as text.
         fourth = len(sink.frames)
@@ -329,12 +332,12 @@ def test_interrupt_before_the_first_frame_and_truncate_do_not_fail(engine, user_
         # Started but not yet heard: truncating to 0 ms keeps none of its words.
         event = await rt.generate_reply()
         message = await event.message_stream.__anext__()
-        await until(lambda: rt.conversation is not None and engine_conversation(rt).reply is not None,
+        await until(lambda: rt.conversation is not None and engine_conversation(rt).replying,
                     what="the reply to start")
         rt.truncate(message_id=message.message_id, modalities=["audio", "text"], audio_end_ms=0)
         rt.interrupt()
         await asyncio.wait_for(drain_message(event, message), 10)
-        await until(lambda: engine_conversation(rt).reply is None, what="the reply to stop")
+        await until(lambda: not engine_conversation(rt).replying, what="the reply to stop")
         assert engine_conversation(rt).history[-1] == {"role": "assistant", "text": "", "audio_seconds":
                                                        engine_conversation(rt).history[-1]["audio_seconds"]}
 
@@ -393,10 +396,10 @@ def test_update_chat_ctx_adds_text_turns_and_keeps_what_it_cannot_change(engine,
         ctx.add_message(role="system", content="The caller is a premium customer.")
         await rt.update_chat_ctx(ctx)
         await rt.update_instructions("Be very brief.")
-        await until(lambda: rt.conversation is not None and len(engine_conversation(rt).history) == 5,
+        await until(lambda: rt.conversation is not None and len(engine_conversation(rt).history) == 4,
                     what="the text turns")
         conv = engine_conversation(rt)
-        assert [(t["role"], t["text"]) for t in conv.history[1:]] == [
+        assert [(t["role"], t["text"]) for t in conv.history] == [
             ("user", "My order number is 42."), ("assistant", "Thanks, I found order 42."),
             ("user", "When will it arrive?"), ("system", "The caller is a premium customer."),
         ]
@@ -411,7 +414,7 @@ def test_update_chat_ctx_adds_text_turns_and_keeps_what_it_cannot_change(engine,
         assert len(rt.chat_ctx.items) == 4
         frames, _ = await asyncio.wait_for(drain(await rt.generate_reply()), 20)
         assert len(frames) == GOLDEN_FRAMES
-        assert len(conv.history) == 6
+        assert len(conv.history) == 5
 
         # Removing the latest reply drops its words from the context.
         ctx = rt.chat_ctx.copy()
@@ -565,8 +568,9 @@ def test_silero_vad_ends_the_turn_and_the_agent_answers(engine, case, user_audio
         await until(lambda: len(sink.frames) == GOLDEN_FRAMES and session.agent_state == "listening", 20,
                     "the reply to the spoken turn")
         conv = engine_conversation(session._activity.realtime_llm_session)
-        assert [t["role"] for t in conv.history] == ["system", "user", "assistant"]
-        assert len(user_audio) / 16000 < conv.history[1]["audio_seconds"] < len(speech) / 16000 + 1
+        assert [t["role"] for t in conv.history] == ["user", "assistant"]
+        assert conv.instructions == case["system_prompt"]
+        assert len(user_audio) / 16000 < conv.history[0]["audio_seconds"] < len(speech) / 16000 + 1
         await session.aclose()
 
     run(main())

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import uvicorn
 import websockets
+from conftest import engine_sessions
 from fastapi import FastAPI
 
 from chroma_agent.audio import load_audio, pcm16_to_float, resample, to_pcm16
@@ -288,19 +289,19 @@ def test_openai_sdk_two_turns_with_barge_in(serve, user_pcm, golden_voice):
     audio1, text1, streamed2, kept = asyncio.run(asyncio.wait_for(run(), 120))
 
     assert kept and streamed2.startswith(kept)  # the kept transcript was spoken in the first 160 ms
-    assert wait_until(lambda: srv.engine.free_slots == 4 and not srv.engine.conversations, 5)
+    assert wait_until(lambda: srv.engine.free_slots == 4 and srv.engine.live_sessions == 0, 5)
 
     # The same conversation run on the engine directly: the server streamed exactly what the engine produces
     # (sample for sample), and kept exactly what the engine keeps when the listener heard 160 ms of turn 2.
     async def reference():
-        conv = srv.engine.open_conversation(golden_voice, INSTRUCTIONS)
+        conv = await srv.engine.open_conversation(golden_voice, INSTRUCTIONS)
         clip = resample(pcm16_to_float(user_pcm), 24000, 16000)
-        conv.add_user_audio(clip, 16000)
+        await conv.add_user_audio(clip, 16000)
         turn1 = [ev async for ev in conv.respond(max_frames=frames)]
-        conv.add_user_audio(clip, 16000)
+        await conv.add_user_audio(clip, 16000)
         [ev async for ev in conv.respond(max_frames=frames)]
-        kept_ref = conv.truncate(160)
-        conv.close()
+        kept_ref = await conv.truncate(160)
+        await conv.close()
         return turn1, kept_ref
 
     turn1, kept_ref = asyncio.run(reference())
@@ -386,7 +387,7 @@ def test_livekit_plugin_two_turns_with_barge_in(serve, golden_dir):
                 # what the server kept: the plugin's mirror of the conversation and the engine's context
                 ids = [item.id for item in session.chat_ctx.items]
                 assert msg1.message_id in ids and msg2.message_id in ids and msg3.message_id in ids
-                conv = next(iter(srv.engine.conversations.values()))
+                (conv,) = engine_sessions(srv.engine)
                 assistant = [t for t in conv.turns if t.role == "assistant"]
                 assert [t.role for t in conv.turns] == ["system", "user", "assistant", "user", "assistant",
                                                         "assistant"]
@@ -442,14 +443,14 @@ def test_malformed_events_get_errors_and_the_connection_stays_usable(serve):
             assert "no-such-voice" in (await expect_error(ws, ErrorCode.UNKNOWN_VOICE, "e9"))["message"]
             await send(ws, {"event_id": "e10", "type": "session.update", "session": {"temperature": 9}})
             assert (await expect_error(ws, ErrorCode.INVALID_VALUE, "e10"))["param"] == "session.temperature"
-            await send(ws, {"event_id": "e11", "type": "session.update", "session": {"output_modalities": ["text"]}})
-            await expect_error(ws, ErrorCode.UNSUPPORTED, "e11")
+            await send(ws, {"event_id": "e11", "type": "session.update", "session": {"output_modalities": ["video"]}})
+            assert (await expect_error(ws, ErrorCode.INVALID_VALUE, "e11"))["param"] == "session.output_modalities"
             await send(ws, {"event_id": "e12", "type": "response.cancel"})
             err = await expect_error(ws, ErrorCode.CANCEL_NOT_ACTIVE, "e12")
             assert err["message"].startswith("Cancellation failed")  # livekit-plugins-openai ignores these
             await send(ws, {"event_id": "e13", "type": "conversation.item.truncate", "item_id": "item_x",
                             "content_index": 0, "audio_end_ms": 10})
-            await expect_error(ws, ErrorCode.ITEM_NOT_FOUND, "e13")
+            await expect_error(ws, ErrorCode.ITEM_TRUNCATE_INVALID_ID, "e13")
             await send(ws, {"event_id": "e14", "type": "conversation.item.create",
                             "item": {"type": "function_call", "name": "f"}})
             await expect_error(ws, ErrorCode.UNSUPPORTED, "e14")
@@ -506,14 +507,14 @@ def test_response_create_while_active_and_item_delete(serve):
             done = await recv_until(ws, "response.done", seen=seen)
             assert done["response"]["status"] == "cancelled"
             assert any(e["type"] == "conversation.item.deleted" and e["item_id"] == item_id for e in seen)
-            conv = next(iter(srv.engine.conversations.values()))
+            (conv,) = engine_sessions(srv.engine)
             assert [t.role for t in conv.turns] == ["system", "user"]
             # delete a past item: the context drops it, and a new reply works on what is left
             await send(ws, ClientEvents.conversation_item_delete("s1"))
             assert (await recv_until(ws, "conversation.item.deleted"))["item_id"] == "s1"
             assert [t.role for t in conv.turns] == ["user"]
             await send(ws, ClientEvents.conversation_item_retrieve("s1", event_id="gone"))
-            await expect_error(ws, ErrorCode.ITEM_NOT_FOUND, "gone")
+            await expect_error(ws, ErrorCode.ITEM_RETRIEVE_INVALID_ID, "gone")
             await send(ws, ClientEvents.response_create(max_output_tokens=2))
             done = await recv_until(ws, "response.done")
             assert done["response"]["status"] == "incomplete"
@@ -598,7 +599,7 @@ def test_disconnect_mid_reply_frees_the_slot(serve):
 
     asyncio.run(asyncio.wait_for(run(), 60))
     t0 = time.monotonic()
-    assert wait_until(lambda: srv.engine.free_slots == 4 and not srv.engine.conversations, 2.0)
+    assert wait_until(lambda: srv.engine.free_slots == 4 and srv.engine.live_sessions == 0, 2.0)
     assert wait_until(lambda: srv.engine.queued_replies == 0 and srv.engine.stats["replies"] == 1, 2.0)
     metrics = srv.app.state.metrics
     assert wait_until(lambda: metrics.websockets._value.get() == 0, 2.0)
@@ -686,7 +687,7 @@ def test_server_vad_commits_responds_and_barge_in_cancels(serve, user_pcm):
             done = await recv_until(ws, "response.done", seen=seen)
             assert done["response"]["status"] == "cancelled"
             assert not [e for e in seen if e["type"] == "error"]
-            conv = next(iter(srv.engine.conversations.values()))
+            (conv,) = engine_sessions(srv.engine)
             assert [t.role for t in conv.turns] == ["system", "user", "assistant", "user", "assistant"]
 
     asyncio.run(asyncio.wait_for(run(), 90))
@@ -803,8 +804,8 @@ def test_slow_reader_is_bounded_by_the_engines_pacing(serve, user_pcm):
             await send(ws, ClientEvents.conversation_item_create("user", pcm=user_pcm))
             await send(ws, ClientEvents.response_create(max_output_tokens=frames))
             await recv_until(ws, "response.output_audio.delta")
-            conv = next(iter(srv.engine.conversations.values()))
-            reply = conv.reply
+            (conv,) = engine_sessions(srv.engine)
+            reply = conv.response
             produced, stalled = -1, False  # the client stops reading: generation must come to a halt
             deadline = time.monotonic() + 20
             while not stalled and not reply.finished and time.monotonic() < deadline:
@@ -842,3 +843,400 @@ def test_a_reply_that_ends_by_itself_is_completed(serve):
     assert response["status"] == "completed" and response["status_details"] is None
     assert 0 < frames < 300 and response["usage"]["output_token_details"]["audio_tokens"] == frames
     assert response["output"][0]["status"] == "completed"
+
+
+# --- OpenAI's defaults and interruption semantics, with the official SDK ----------------------------------------
+
+SILENCE_S = bytes(24000 * 2 // 2)  # 0.5 s of PCM16 24 kHz silence
+
+
+def spoken_turn(user_pcm: bytes) -> bytes:
+    """Half a second of silence, the question, then a second of silence: one turn for server VAD."""
+    return SILENCE_S + user_pcm + SILENCE_S + SILENCE_S
+
+
+async def sdk_events_until(conn, kind: str, seen: list, timeout: float = STEP_TIMEOUT):
+    """Like sdk_next, but error events are collected rather than raised; returns the event of type `kind`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = await asyncio.wait_for(conn.recv_bytes(), max(0.01, deadline - time.monotonic()))
+        event = strict_event(raw)
+        seen.append((time.monotonic(), event))
+        if event.type == kind:
+            return event
+
+
+def test_sessions_start_with_server_vad_and_null_turns_it_off(serve, user_pcm):
+    from openai import AsyncOpenAI
+
+    srv = serve()
+
+    async def run():
+        client = AsyncOpenAI(base_url=srv.http, api_key=KEY)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            seen: list = []
+            created = await sdk_next(conn, "session.created", seen)
+            td = created.session.audio.input.turn_detection
+            assert td.type == "server_vad"  # as OpenAI sessions start
+            assert (td.threshold, td.prefix_padding_ms, td.silence_duration_ms) == (0.5, 300, 500)
+            assert td.create_response is True and td.interrupt_response is True
+            await conn.session.update(session={"type": "realtime", "max_output_tokens": 4})
+            updated = await sdk_next(conn, "session.updated", seen)
+            assert updated.session.audio.input.turn_detection.type == "server_vad"  # untouched by the update
+            # a client that relies on the default gets its spoken turn answered without committing anything
+            for piece in chunks(spoken_turn(user_pcm)):
+                await conn.input_audio_buffer.append(audio=b64(piece))
+            await sdk_next(conn, "input_audio_buffer.speech_started", seen)
+            await sdk_next(conn, "input_audio_buffer.committed", seen)
+            done = await sdk_next(conn, "response.done", seen)
+            assert done.response.status == "incomplete" and done.response.usage.output_token_details.audio_tokens == 4
+            # an explicit null is honoured: no VAD, the client commits
+            await conn.session.update(session={"type": "realtime", "audio": {"input": {"turn_detection": None}}})
+            updated = await sdk_next(conn, "session.updated", seen)
+            assert updated.session.audio.input.turn_detection is None
+            for piece in chunks(spoken_turn(user_pcm)):
+                await conn.input_audio_buffer.append(audio=b64(piece))
+            await conn.input_audio_buffer.commit()
+            seen.clear()
+            await sdk_next(conn, "input_audio_buffer.committed", seen)
+            assert [e.type for e in seen] == ["input_audio_buffer.committed"]  # no speech_started before it
+
+    asyncio.run(asyncio.wait_for(run(), 90))
+
+
+def test_cancel_sends_no_audio_after_it_and_a_long_truncate_is_clamped(serve):
+    from openai import AsyncOpenAI
+
+    srv = serve()
+
+    async def run():
+        client = AsyncOpenAI(base_url=srv.http, api_key=KEY)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            seen: list = []
+            await sdk_next(conn, "session.created", seen)
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Tell me a long story."}]})
+            await sdk_next(conn, "conversation.item.done", seen)
+            await conn.response.create()
+            seen.clear()
+            for _ in range(3):
+                delta = await sdk_next(conn, "response.output_audio.delta", seen)
+            item_id = delta.item_id
+            await conn.response.cancel()
+            await conn.input_audio_buffer.clear()  # a marker: handled after the cancel, acknowledged at once
+            events: list = []
+            await sdk_events_until(conn, "response.done", events)
+            kinds = [e.type for _, e in events]
+            marker = kinds.index("input_audio_buffer.cleared")
+            assert "response.output_audio.delta" not in kinds[marker:]  # nothing of it after the cancel
+            done = events[-1][1]
+            assert done.response.status == "cancelled" and done.response.status_details.reason == "client_cancelled"
+            sent = sum(e.type == "response.output_audio.delta" for e in seen) + kinds.count("response.output_audio.delta")
+            assert done.response.usage.output_token_details.audio_tokens == sent  # only what was sent counts
+            streamed = "".join(e.delta for e in seen if e.type == "response.output_audio_transcript.delta") + "".join(
+                e.delta for _, e in events if e.type == "response.output_audio_transcript.delta")
+            # a truncate past the audio sent is clamped to it, not refused
+            await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=10**6)
+            truncated = await sdk_next(conn, "conversation.item.truncated", seen)
+            assert truncated.audio_end_ms == sent * 80
+            await conn.conversation.item.retrieve(item_id=item_id)
+            kept = (await sdk_next(conn, "conversation.item.retrieved", seen)).item.content[0].transcript
+            assert streamed.startswith(kept)
+            (conv,) = engine_sessions(srv.engine)
+            assert conv.turns[-1].role == "assistant" and conv.turns[-1].text == kept
+            return sent, round(conv.turns[-1].audio_seconds / 0.08)  # the frames the engine made
+
+    sent, produced = asyncio.run(asyncio.wait_for(run(), 60))
+    assert 3 <= sent <= produced
+
+
+def test_server_vad_barge_in_truncates_to_what_was_played(serve, user_pcm):
+    from openai import AsyncOpenAI
+
+    srv = serve()
+
+    async def run():
+        client = AsyncOpenAI(base_url=srv.http, api_key=KEY)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            seen: list = []
+            await sdk_next(conn, "session.created", seen)  # server VAD by default
+            await conn.session.update(session={"type": "realtime", "instructions": INSTRUCTIONS,
+                                               "max_output_tokens": "inf"})
+            await sdk_next(conn, "session.updated", seen)
+            for piece in chunks(spoken_turn(user_pcm)):
+                await conn.input_audio_buffer.append(audio=b64(piece))
+            created = await sdk_next(conn, "response.created", seen)
+            seen.clear()  # from here: the reply's events
+            first = await sdk_next(conn, "response.output_audio.delta", seen)
+            first_at = time.monotonic()
+            item_id = first.item_id
+            events: list = []
+            while time.monotonic() - first_at < 0.6:  # "play" 0.6 s while the server streams ahead
+                await sdk_events_until(conn, "response.output_audio.delta", events)
+            # the user talks over the reply
+            for piece in chunks(user_pcm):
+                await conn.input_audio_buffer.append(audio=b64(piece))
+            await sdk_events_until(conn, "input_audio_buffer.speech_started", events)
+            await sdk_events_until(conn, "response.done", events)
+            kinds = [e.type for _, e in events]
+            started = kinds.index("input_audio_buffer.speech_started")
+            assert not [e for _, e in events[started:] if e.type == "response.output_audio.delta"
+                        and e.response_id == created.response.id]  # cancelled before speech_started went out
+            truncated = [(t, e) for t, e in events if e.type == "conversation.item.truncated"]
+            assert len(truncated) == 1
+            at, truncated = truncated[0]
+            sent = 1 + sum(e.type == "response.output_audio.delta" for _, e in events)
+            assert truncated.item_id == item_id and truncated.content_index == 0
+            # what was sent, and no more than real time allowed to play since the first delta
+            assert 0 < truncated.audio_end_ms <= sent * 80
+            assert truncated.audio_end_ms <= (at - first_at) * 1000 + 100
+            done = events[-1][1]
+            assert done.response.status == "cancelled" and done.response.status_details.reason == "turn_detected"
+            streamed = "".join(e.delta for e in seen + [e for _, e in events]
+                               if e.type == "response.output_audio_transcript.delta")
+            await conn.conversation.item.retrieve(item_id=item_id)
+            kept = (await sdk_next(conn, "conversation.item.retrieved", seen)).item.content[0].transcript
+            assert streamed.startswith(kept)
+            (conv,) = engine_sessions(srv.engine)
+            assistant = [t for t in conv.turns if t.role == "assistant"]
+            assert assistant[0].text == kept
+            # a later client truncate past the server's cut is clamped to it
+            await conn.send({"type": "response.cancel"})  # the VAD started a new reply for the new turn
+            await conn.conversation.item.truncate(item_id=item_id, content_index=0, audio_end_ms=10**6)
+            seen.clear()
+            errors: list = []
+            again = await sdk_events_until(conn, "conversation.item.truncated", errors)
+            assert again.audio_end_ms == truncated.audio_end_ms
+            return sent, truncated.audio_end_ms
+
+    sent, heard = asyncio.run(asyncio.wait_for(run(), 90))
+    assert heard < sent * 80  # the server streamed ahead of playback; the context keeps what was played
+
+
+def test_unknown_item_ids_get_openais_error_codes(serve):
+    from openai import AsyncOpenAI
+
+    srv = serve()
+
+    async def run():
+        client = AsyncOpenAI(base_url=srv.http, api_key=KEY)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            events: list = []
+            await sdk_events_until(conn, "session.created", events)
+            await conn.conversation.item.retrieve(item_id="item_nope", event_id="r")
+            await conn.conversation.item.truncate(item_id="item_nope", content_index=0, audio_end_ms=0, event_id="t")
+            await conn.conversation.item.delete(item_id="item_nope", event_id="d")
+            codes = []
+            for _ in range(3):
+                error = (await sdk_events_until(conn, "error", events)).error
+                assert error.param == "item_id" and "item_nope" in error.message
+                codes.append((error.event_id, error.code))
+            assert codes == [("r", "item_retrieve_invalid_item_id"), ("t", "item_truncate_invalid_item_id"),
+                             ("d", "item_delete_invalid_item_id")]
+            await conn.input_audio_buffer.clear()  # the connection goes on
+            await sdk_events_until(conn, "input_audio_buffer.cleared", events)
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def test_text_only_replies(serve, user_pcm):
+    from openai import AsyncOpenAI
+
+    srv = serve()
+
+    async def run():
+        client = AsyncOpenAI(base_url=srv.http, api_key=KEY)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            seen: list = []
+            await sdk_next(conn, "session.created", seen)
+            await conn.session.update(session={"type": "realtime", "instructions": INSTRUCTIONS,
+                                               "output_modalities": ["text"], "max_output_tokens": 40})
+            updated = await sdk_next(conn, "session.updated", seen)
+            assert updated.session.output_modalities == ["text"]
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_audio", "audio": b64(user_pcm)}]})
+            await sdk_next(conn, "conversation.item.done", seen)
+            await conn.response.create()
+            seen.clear()
+            done = await sdk_next(conn, "response.done", seen)
+            kinds = [e.type for e in seen]
+            assert kinds[:4] == ["response.created", "response.output_item.added", "conversation.item.added",
+                                 "response.content_part.added"]
+            assert kinds[-5:] == ["response.output_text.done", "response.content_part.done",
+                                  "response.output_item.done", "conversation.item.done", "response.done"]
+            assert not [k for k in kinds if "audio" in k]
+            assert seen[0].response.output_modalities == ["text"] and seen[3].part.type == "text"
+            text = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+            assert text and text == next(e for e in seen if e.type == "response.output_text.done").text
+            assert done.response.output[0].content[0].type == "output_text"
+            assert done.response.output[0].content[0].text == text
+            assert done.response.usage.output_token_details.audio_tokens == 0
+            # a text session can still ask one reply for audio, and an audio session one reply for text
+            await conn.response.create(response={"output_modalities": ["audio"], "max_output_tokens": 3})
+            seen.clear()
+            await sdk_next(conn, "response.done", seen)
+            assert sum(e.type == "response.output_audio.delta" for e in seen) == 3
+            await conn.session.update(session={"type": "realtime", "output_modalities": ["audio"]})
+            await sdk_next(conn, "session.updated", seen)
+            await conn.response.create(response={"output_modalities": ["text"]})
+            seen.clear()
+            done = await sdk_next(conn, "response.done", seen)
+            assert done.response.output_modalities == ["text"]
+            assert not [e for e in seen if e.type.startswith("response.output_audio")]
+            # a text item cannot be truncated: there is no audio in it
+            await conn.conversation.item.truncate(item_id=done.response.output[0].id, content_index=0,
+                                                  audio_end_ms=0)
+            events: list = []
+            error = (await sdk_events_until(conn, "error", events)).error
+            assert error.code == ErrorCode.INVALID_VALUE
+
+    asyncio.run(asyncio.wait_for(run(), 90))
+
+
+def test_without_a_default_voice_sessions_have_none_and_speech_needs_one(serve, make_engine, golden_voice):
+    import dataclasses
+
+    from openai import AsyncOpenAI
+
+    engine = make_engine(max_sessions=4)  # no default voice configured
+    engine.voices.save(golden_voice)
+    engine.voices.save(dataclasses.replace(golden_voice, name="0-attacker", transcript="x"))
+    srv = serve(engine)
+    stop = threading.Event()
+
+    def churn():  # voices created and deleted while sessions connect must not matter to them
+        racer = dataclasses.replace(golden_voice, name="00-racer")
+        while not stop.is_set():
+            engine.voices.save(racer, overwrite=True)
+            engine.voices.delete("00-racer")
+
+    async def connects():
+        voices = []
+        for _ in range(20):
+            async with await connect_raw(srv) as ws:
+                created = await recv_json(ws)
+                assert created["type"] == "session.created", created
+                voices.append(created["session"]["audio"]["output"]["voice"])
+        return voices
+
+    churner = threading.Thread(target=churn, daemon=True)
+    churner.start()
+    try:
+        voices = asyncio.run(asyncio.wait_for(connects(), 60))
+    finally:
+        stop.set()
+        churner.join(5)
+    assert voices == [None] * 20
+
+    async def run():
+        client = AsyncOpenAI(base_url=srv.http, api_key=KEY)
+        async with client.realtime.connect(model="gpt-realtime") as conn:
+            events: list = []
+            created = await sdk_events_until(conn, "session.created", events)
+            assert created.session.audio.output.voice is None
+            # a stock name still lets the update's other fields apply
+            await conn.session.update(session={"type": "realtime", "instructions": INSTRUCTIONS,
+                                               "audio": {"input": {"turn_detection": None},
+                                                         "output": {"voice": "alloy"}}})
+            updated = await sdk_events_until(conn, "session.updated", events)
+            assert updated.session.instructions == INSTRUCTIONS and updated.session.audio.output.voice is None
+            assert not [e for _, e in events if e.type == "error"]
+            await conn.conversation.item.create(item={"type": "message", "role": "user", "content": [
+                {"type": "input_text", "text": "Hello!"}]})
+            await sdk_events_until(conn, "conversation.item.done", events)
+            await conn.response.create(event_id="speak")
+            error = (await sdk_events_until(conn, "error", events)).error
+            assert (error.code, error.param, error.event_id) == ("voice_required", "session.audio.output.voice",
+                                                                 "speak")
+            assert "--voice-audio" in error.message  # the setting that gives the server a default voice
+            # text needs no voice
+            await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 4})
+            done = await sdk_events_until(conn, "response.done", events)
+            assert done.response.status in ("completed", "incomplete")
+            # a stored voice named by the session speaks
+            await conn.session.update(session={"type": "realtime", "audio": {"output": {"voice": "golden"}}})
+            updated = await sdk_events_until(conn, "session.updated", events)
+            assert updated.session.audio.output.voice == "golden"
+            await conn.response.create(response={"max_output_tokens": 2})
+            events.clear()
+            done = await sdk_events_until(conn, "response.done", events)
+            assert sum(e.type == "response.output_audio.delta" for _, e in events) == 2
+            (conv,) = engine_sessions(srv.engine)
+            assert conv.voice.name == "golden"
+
+    asyncio.run(asyncio.wait_for(run(), 60))
+
+
+def _server_event_types(dialect: str) -> set[str]:
+    from chroma_agent.realtime_protocol import GA_ONLY, ServerEventType
+
+    names = {v for k, v in vars(ServerEventType).items() if k.isupper()}
+    return names if dialect == "ga" else {beta_name(n) for n in names - GA_ONLY}
+
+
+@pytest.mark.parametrize("dialect", ["ga", "beta"])
+def test_every_server_event_validates_against_the_sdks_models(serve, user_pcm, dialect):
+    """Drive a session through everything the server can send; each message must parse as the SDK's own model."""
+    srv = serve()
+    path = "/v1/realtime" if dialect == "ga" else "/v1/beta/realtime"
+    received: list = []
+
+    async def recv(ws, kind: str):
+        while True:
+            raw = await asyncio.wait_for(ws.recv(), STEP_TIMEOUT)
+            event = strict_event(raw, dialect)  # raises if any field does not match the SDK's types
+            received.append(event.type)
+            if event.type == kind:
+                return event
+
+    def update(**fields) -> dict:
+        if dialect == "ga":
+            session = {"type": "realtime", **fields}
+            if "modalities" in session:
+                session["output_modalities"] = session.pop("modalities")
+            if "max_tokens" in session:
+                session["max_output_tokens"] = session.pop("max_tokens")
+        else:
+            session = dict(fields)
+            if "modalities" in session:
+                session["modalities"] = ["text"] if session["modalities"] == ["text"] else ["audio", "text"]
+            if "max_tokens" in session:
+                session["max_response_output_tokens"] = session.pop("max_tokens")
+        return {"type": "session.update", "session": session}
+
+    added = "conversation.item.added" if dialect == "ga" else "conversation.item.created"
+
+    async def spoken():
+        async with await connect_raw(srv, path=path) as ws:
+            await recv(ws, "session.created")
+            await send(ws, update(instructions=INSTRUCTIONS, max_tokens=12))
+            await recv(ws, "session.updated")
+            for piece in chunks(spoken_turn(user_pcm)):  # server VAD (the default) commits and answers
+                await send(ws, ClientEvents.input_audio_buffer_append(piece))
+            committed = await recv(ws, "input_audio_buffer.committed")
+            done = await recv(ws, "response.done")
+            reply_item = done.response.output[0].id
+            await send(ws, ClientEvents.input_audio_buffer_clear())
+            await recv(ws, "input_audio_buffer.cleared")
+            await send(ws, ClientEvents.conversation_item_retrieve(committed.item_id))
+            await recv(ws, "conversation.item.retrieved")
+            await send(ws, ClientEvents.conversation_item_truncate(reply_item, 80))
+            await recv(ws, "conversation.item.truncated")
+            await send(ws, ClientEvents.conversation_item_delete(reply_item))
+            await recv(ws, "conversation.item.deleted")
+            await send(ws, {"type": "no.such.event"})
+            await recv(ws, "error")
+
+    async def written():
+        async with await connect_raw(srv, path=path) as ws:
+            await recv(ws, "session.created")
+            await send(ws, update(instructions=INSTRUCTIONS, modalities=["text"], max_tokens=40))
+            await recv(ws, "session.updated")
+            await send(ws, ClientEvents.conversation_item_create("user", pcm=user_pcm))
+            await recv(ws, added)
+            await send(ws, ClientEvents.response_create())
+            await recv(ws, "response.done")
+
+    asyncio.run(asyncio.wait_for(spoken(), 90))
+    asyncio.run(asyncio.wait_for(written(), 90))
+    assert set(received) == _server_event_types(dialect), set(received) ^ _server_event_types(dialect)

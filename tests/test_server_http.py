@@ -70,6 +70,7 @@ def golden_request(case, golden_dir, **extra) -> dict:
 
 
 def short_request(**extra) -> dict:
+    """A plain text request: the reply is text only unless `extra` asks for audio."""
     return {"model": "chroma", "messages": [{"role": "user", "content": "Hello there!"}], "max_tokens": 4, **extra}
 
 
@@ -126,7 +127,7 @@ def test_requests_style_client_gets_the_golden_reply(make_engine, serve, case, g
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
-    assert isinstance(body["created"], int) and body["model"] == "chroma"
+    assert isinstance(body["created"], int) and body["model"] == "chroma-4b"  # the served model answers
     choice = body["choices"][0]
     assert choice["finish_reason"] == "length" and choice["message"]["role"] == "assistant"
     assert choice["message"]["content"] == golden_text
@@ -163,7 +164,7 @@ def test_openai_sdk_client(make_engine, serve, case, golden_dir, golden_text, go
     assert extra["audio_format"] == "wav" and extra["sample_rate"] == 24000
     assert response.to_dict()["audio"] == extra["audio"]
     assert np.abs(wav_samples(extra["audio"]) - expected_pcm(golden_outputs)).max() < 2e-3
-    assert [m.id for m in client.models.list().data] == ["chroma-4b"]
+    assert [m.id for m in client.models.list().data] == ["chroma-4b", "chroma", "FlashLabs/Chroma-4B"]
 
 
 def test_curl_client(make_engine, serve, golden_voice, case, golden_dir, golden_text, tmp_path):
@@ -208,8 +209,11 @@ def test_streaming_with_httpx(make_engine, serve, case, golden_dir, golden_text,
     deltas = [c["choices"][0]["delta"] for c in chunks]
     text = "".join(d.get("content", "") for d in deltas)
     assert text == golden_text
-    frames = [np.frombuffer(base64.b64decode(d["audio"]["data"]), "<i2") for d in deltas if "audio" in d]
+    frames = [np.frombuffer(base64.b64decode(d["audio"]["data"]), "<i2") for d in deltas if "data" in d.get("audio", {})]
     assert len(frames) == 32 and all(f.shape == (FRAME,) for f in frames)
+    # the last audio delta says until when the reply can be referred to by its id
+    last_audio = [d["audio"] for d in deltas if "audio" in d][-1]
+    assert set(last_audio) == {"id", "expires_at"} and last_audio["expires_at"] > chunks[0]["created"]
     audio = np.concatenate(frames) / 32768.0
     assert np.abs(audio - expected_pcm(golden_outputs)).max() < 2e-3
     last = chunks[-1]
@@ -222,14 +226,15 @@ def test_streaming_with_the_openai_sdk(make_engine, serve, golden_voice):
     url = serve(make_engine(golden_default_voice=golden_voice))
     client = OpenAI(api_key="unused", base_url=f"{url}/v1", max_retries=0)
     stream = client.chat.completions.create(model="chroma", stream=True, max_tokens=6, seed=3, temperature=0.8,
-                                            messages=[{"role": "user", "content": "Tell me a story."}])
+                                            messages=[{"role": "user", "content": "Tell me a story."}],
+                                            extra_body={"return_audio": True})
     text, frames, finish, usage = "", 0, None, None
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
         for choice in chunk.choices:
             text += choice.delta.content or ""
-            if choice.delta.audio is not None:  # the SDK types OpenAI's audio delta
+            if choice.delta.audio is not None and choice.delta.audio.data:  # the SDK types OpenAI's audio delta
                 assert len(base64.b64decode(choice.delta.audio.data)) == 2 * FRAME
                 frames += 1
             finish = choice.finish_reason or finish
@@ -243,7 +248,8 @@ def test_a_client_leaving_a_stream_frees_its_slot_and_full_slots_answer_503(make
     engine = make_engine(golden_default_voice=golden_voice, max_sessions=1)
     url = serve(engine, session_wait_s=0.2)
     with httpx.Client(base_url=url, timeout=30) as client:
-        with client.stream("POST", "/v1/chat/completions", json=short_request(stream=True, max_tokens=750)) as r:
+        with client.stream("POST", "/v1/chat/completions",
+                           json=short_request(stream=True, max_tokens=750, return_audio=True)) as r:
             lines = r.iter_lines()  # kept referenced: a dropped iterator closes the connection
             for line in lines:
                 if '"audio"' in line:
@@ -257,7 +263,7 @@ def test_a_client_leaving_a_stream_frees_its_slot_and_full_slots_answer_503(make
         assert client.post("/v1/chat/completions", json=short_request()).status_code == 200
     # A plain (non-streaming) request whose client gives up is cancelled too.
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{url}/v1/chat/completions", json=short_request(max_tokens=750), timeout=0.5)
+        httpx.post(f"{url}/v1/chat/completions", json=short_request(max_tokens=750, return_audio=True), timeout=0.5)
     assert wait_for(lambda: engine.free_slots == 1, 2.0)
 
 
@@ -290,7 +296,7 @@ def test_voices_crud(make_engine, serve, case, golden_dir, golden_text):
     assert c.delete("/v1/voices/anna").json() == {"name": "anna", "object": "voice.deleted", "deleted": True}
     assert_error(c.get("/v1/voices/anna"), 404, "name", "voice_not_found")
     assert_error(c.delete("/v1/voices/anna"), 404, "name", "voice_not_found")
-    assert_error(c.post("/v1/chat/completions", json=request), 404, "voice", "voice_not_found")
+    assert_error(c.post("/v1/chat/completions", json=request), 400, "voice", "voice_not_found")
     # Bad uploads.
     assert_error(c.post("/v1/voices", data={**form, "name": "bad name!"}, files={"file": ("v.wav", clip)}), 400, "name")
     assert_error(c.get("/v1/voices/..secret"), 400, "name")
@@ -333,14 +339,14 @@ def test_health_models_and_metrics(make_engine, serve, golden_voice):
     assert models["data"][0]["object"] == "model"
     for name in ("chroma-4b", "chroma", "FlashLabs/Chroma-4B"):
         assert httpx.get(f"{url}/v1/models/{name}").json()["id"] == name
-    assert_error(httpx.get(f"{url}/v1/models/gpt-4o"), 404, "model", "model_not_found")
-    assert httpx.post(f"{url}/v1/chat/completions", json=short_request()).status_code == 200
-    assert httpx.post(f"{url}/v1/chat/completions", json=short_request(voice="nobody")).status_code == 404
+    assert_error(httpx.get(f"{url}/v1/models/gpt-4o"), 404, "model", "model_not_found")  # not listed
+    assert httpx.post(f"{url}/v1/chat/completions", json=short_request(return_audio=True)).status_code == 200
+    assert httpx.post(f"{url}/v1/chat/completions", json=short_request(voice="nobody")).status_code == 400
     metrics = httpx.get(f"{url}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
     text = metrics.text
     assert 'chroma_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in text
-    assert 'chroma_requests_total{endpoint="/v1/chat/completions",status="404"} 1.0' in text
+    assert 'chroma_requests_total{endpoint="/v1/chat/completions",status="400"} 1.0' in text
     assert 'chroma_errors_total{kind="voice_not_found"} 1.0' in text
     assert 'chroma_replies_total{reason="max_frames"} 1.0' in text
     assert "chroma_time_to_first_audio_seconds_count 1.0" in text and "chroma_free_slots 2.0" in text
@@ -397,11 +403,12 @@ def test_bad_requests_get_4xx_errors_naming_the_field(make_engine, serve, golden
         ("prompt_audio alone", post(short_request(prompt_audio=b64(golden_dir / "voice.wav"))), 400,
          "prompt_text", None),
         ("voice and prompt", post(short_request(voice="x", prompt_text="a", prompt_audio="b")), 400, "voice", None),
-        ("unknown voice", post(short_request(voice="nobody")), 404, "voice", "voice_not_found"),
+        ("unknown voice", post(short_request(voice="nobody")), 400, "voice", "voice_not_found"),
+        ("unknown audio.voice", post(short_request(modalities=["text", "audio"], audio={"voice": "nobody"})), 400,
+         "audio.voice", "voice_not_found"),
         ("invalid voice name", post(short_request(voice="../../etc/passwd")), 400, "voice", None),
-        ("unknown model", post(short_request(model="gpt-4o")), 404, "model", "model_not_found"),
-        ("unsupported audio_format", post(short_request(audio_format="mp3")), 400, "audio_format", None),
-        ("unsupported audio.format", post(short_request(audio={"format": "opus"})), 400, "audio.format", None),
+        ("unsupported audio_format", post(short_request(audio_format="ogg")), 400, "audio_format", None),
+        ("unsupported audio.format", post(short_request(audio={"format": "m4a"})), 400, "audio.format", None),
         ("n > 1", post(short_request(n=2)), 400, "n", None),
         ("top_p 0", post(short_request(top_p=0)), 400, "top_p", None),
         ("corrupt audio", post(audio_message(base64.b64encode(b"RIFF" + bytes(200)).decode())), 400, part,
@@ -422,7 +429,7 @@ def test_bad_requests_get_4xx_errors_naming_the_field(make_engine, serve, golden
             assert_error(response, status, param, code)
         except AssertionError as exc:
             raise AssertionError(f"{what}: {exc}") from None
-    assert "wav" in post(short_request(audio_format="flac")).json()["error"]["message"]
+    assert "mp3" in post(short_request(audio_format="ogg")).json()["error"]["message"]  # the formats are listed
     assert "not valid JSON" in cases[0][1].json()["error"]["message"]
     # Errors carry the request id too; a client's own id is kept.
     assert all(response.headers["x-request-id"].startswith("req_") for _, response, *_ in cases)
@@ -544,8 +551,8 @@ def test_serve_command(tiny_dir, golden_voice, tmp_path):
         assert wait_for(lambda: _answers(f"{url}/health"), 60), "the server did not come up"
         assert httpx.get(f"{url}/health").json()["slots_total"] == 2
         assert httpx.post(f"{url}/v1/chat/completions", json=short_request()).status_code == 401
-        r = httpx.post(f"{url}/v1/chat/completions", json=short_request(), headers={"Authorization": f"Bearer {key}"},
-                       timeout=30)
+        r = httpx.post(f"{url}/v1/chat/completions", json=short_request(return_audio=True),
+                       headers={"Authorization": f"Bearer {key}"}, timeout=30)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens_details"]["audio_tokens"] == 4
     finally:
         proc.send_signal(signal.SIGINT)

@@ -84,7 +84,7 @@ async def load(url: str, seconds: float, question_b64: str) -> tuple[Stats, int,
                 n = i + k
                 content = ([{"type": "audio", "audio": question_b64}] if n % 4 == 0
                            else f"Question {n}: what should I wear today?")
-                payload = {"model": "chroma", "stream": n % 2 == 0, "max_tokens": 4 + n % 5, "seed": n,
+                payload = {"model": "chroma", "stream": n % 2 == 0, "max_tokens": 4 + n % 5, "seed": n, "return_audio": True,
                            "temperature": 0.8, "messages": [{"role": "user", "content": content}]}
                 try:
                     await one_request(client, payload, stats)

@@ -181,19 +181,24 @@ def test_batch_rows_and_partial_reset(tiny_mimi):
         decoder.decode(codes_a[..., :1])  # one row for a two-row decoder
 
 
-def test_decoding_some_rows_leaves_the_others_untouched(tiny_mimi):
-    """A batched engine decodes only the rows that made a frame this step, in any order."""
+def test_masked_rows_keep_their_state_exactly(tiny_mimi):
+    """A batched engine decodes every row every step; rows outside the mask must not move at all."""
     codes = [_random_codes(1, 30, 20 + r) for r in range(3)]
     decoder = StreamingMimiDecoder(tiny_mimi, batch_size=3)
     taken = [0, 0, 0]
     out: list[list[torch.Tensor]] = [[], [], []]
-    # first use on a subset, rows out of order, rows skipped for a while, then all rows together
+    garbage = _random_codes(3, 1, 99)  # what masked rows are fed: it must leave no trace
+    # first use on a subset, rows skipped for a while, then all rows together
     schedule = [[2, 0], [2], [1, 2], [0, 1, 2], [1], [2, 1, 0], [0], [0, 2], [0, 1, 2]] * 3
     for rows in schedule:
-        chunk = torch.cat([codes[r][..., taken[r] : taken[r] + 1] for r in rows])
-        audio = decoder.decode(chunk, rows=rows)
-        for i, r in enumerate(rows):
-            out[r].append(audio[i])
+        chunk = garbage.clone()
+        for r in rows:
+            chunk[r] = codes[r][0, :, taken[r] : taken[r] + 1]
+        mask = torch.tensor([r in rows for r in range(3)])
+        audio = decoder.decode(chunk, mask)
+        assert audio.shape == (3, FRAME)
+        for r in rows:
+            out[r].append(audio[r])
             taken[r] += 1
     for r in range(3):
         streamed = torch.cat(out[r])
@@ -201,12 +206,14 @@ def test_decoding_some_rows_leaves_the_others_untouched(tiny_mimi):
         assert _max_diff(streamed, _offline(tiny_mimi, codes[r][..., : taken[r]])[0]) < F32_TOL
 
     decoder.reset(rows=[1])
-    restarted = decoder.decode(codes[1][..., :2], rows=[1])
-    assert _max_diff(restarted[0], _offline(tiny_mimi, codes[1][..., :2])[0]) < F32_TOL
-    with pytest.raises(ValueError, match="distinct"):
-        decoder.decode(torch.cat([codes[0][..., :1]] * 2), rows=[0, 0])
+    two = torch.cat([garbage[:, :, :1].expand(3, 8, 2)]).clone()
+    two[1] = codes[1][0, :, :2]
+    restarted = decoder.decode(two, torch.tensor([False, True, False]))
+    assert _max_diff(restarted[1], _offline(tiny_mimi, codes[1][..., :2])[0]) < F32_TOL
+    with pytest.raises(ValueError, match="mask"):
+        decoder.decode(two, torch.tensor([True, False]))
     with pytest.raises(IndexError):
-        decoder.decode(codes[0][..., :1], rows=[3])
+        decoder.reset(rows=[3])
 
 
 def test_longer_than_sliding_window(tiny_mimi):

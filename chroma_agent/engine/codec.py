@@ -8,13 +8,17 @@ calls gives the same samples as the whole-sequence decode, at a constant cost pe
 
 The design follows moshi's streaming modules: each layer of the decoder path is wrapped by a small object that
 owns its own state (input history for convolutions, overlap tail for transposed convolutions, a key/value
-cache limited to the attention window for the transformer) and can clear it per batch row, so one conversation
-in a batched engine can restart without touching the others. The wrappers hold references to the `MimiModel`
-submodules, never copies of their weights.
+window for the transformer). Every state tensor is allocated once for the whole batch and never changes
+shape: each call decodes every row, and rows outside the call's `mask` keep their state exactly (moshi's exec
+mask: the new state is selected per row with `torch.where` and copied in place). So a batched engine decodes
+all conversations in one call with the same shapes every step, which `torch.compile` and CUDA graphs need, and
+one conversation can restart (`reset`) without touching the others. The wrappers hold references to the
+`MimiModel` submodules, never copies of their weights.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -32,16 +36,6 @@ __all__ = ["StreamingMimiDecoder"]
 
 # Marks an empty key/value cache slot: no query position can be at or after it, so it is always masked out.
 _EMPTY_POSITION = -1
-
-
-def _row_index(rows: list[int] | None, batch_size: int) -> list[int] | None:
-    """Validated, de-duplicated rows, or None for "every row"; a plain list indexes state on any device."""
-    if rows is None:
-        return None
-    for row in rows:
-        if not 0 <= row < batch_size:
-            raise IndexError(f"row {row} is outside the batch of {batch_size}")
-    return sorted(set(rows))
 
 
 def _start_padding(x: torch.Tensor, width: int, mode: str) -> torch.Tensor:
@@ -63,47 +57,15 @@ def _start_padding(x: torch.Tensor, width: int, mode: str) -> torch.Tensor:
     raise ValueError(f"unsupported pad_mode {mode!r} for streaming")
 
 
-class _RowState:
-    """Per-row state that can be narrowed to some rows for a call and widened back afterwards.
-
-    `_state` names the attributes holding state (tensors, or lists of tensors, with the batch on dim 0; None
-    until first use) and the value an untouched row starts with. A batched engine decodes only the rows that
-    made a frame this step; the other rows' streams must not move.
-    """
-
-    _state: dict[str, float | bool] = {}
-
-    def narrow_state(self, rows: list[int]) -> dict[str, object]:
-        full = {}
-        for name in self._state:
-            value = getattr(self, name)
-            full[name] = value
-            if isinstance(value, list):
-                setattr(self, name, [v[rows] for v in value])
-            elif value is not None:
-                setattr(self, name, value[rows])
-        return full
-
-    def widen_state(self, rows: list[int], full: dict[str, object], batch: int) -> None:
-        for name, fill in self._state.items():
-            part = getattr(self, name)
-            if part is None:
-                setattr(self, name, full[name])
-            elif isinstance(part, list):
-                whole = full[name] or [None] * len(part)
-                setattr(self, name, [_scatter(w, p, rows, batch, fill) for w, p in zip(whole, part, strict=True)])
-            else:
-                setattr(self, name, _scatter(full[name], part, rows, batch, fill))
+def _keep(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> None:
+    """old <- new on the rows of `mask` (all rows when None), in place: the buffer keeps its address."""
+    if mask is None:
+        old.copy_(new)
+    else:
+        old.copy_(torch.where(mask.view(-1, *([1] * (old.dim() - 1))), new, old))
 
 
-def _scatter(whole: torch.Tensor | None, part: torch.Tensor, rows: list[int], batch: int, fill) -> torch.Tensor:
-    if whole is None:  # first use happened on a subset: the other rows get a fresh stream's state
-        whole = part.new_full((batch, *part.shape[1:]), fill)
-    whole[rows] = part
-    return whole
-
-
-class _StreamingConv1d(_RowState):
+class _StreamingConv1d:
     """A causal `MimiConv1d` keeping its last (kernel - 1) * dilation input samples as the next left context.
 
     The whole-sequence decode pads the start on the left; here only a stream's first chunk gets that padding,
@@ -111,7 +73,7 @@ class _StreamingConv1d(_RowState):
     output.
     """
 
-    def __init__(self, layer: MimiConv1d):
+    def __init__(self, layer: MimiConv1d, batch: int):
         if not layer.causal:
             raise ValueError("streaming needs causal convolutions (config.use_causal_conv=True)")
         conv = layer.conv
@@ -123,37 +85,36 @@ class _StreamingConv1d(_RowState):
         self.conv = conv
         self.pad_mode = layer.pad_mode
         self.context = (conv.kernel_size[0] - 1) * conv.dilation[0]
-        self.history: torch.Tensor | None = None  # [B, C_in, context], None until the first chunk
-        self.fresh: torch.Tensor | None = None  # [B] bool: row has not seen a chunk since its reset
-
-    _state = {"history": 0.0, "fresh": True}
+        weight = conv.weight
+        self.history = weight.new_zeros(batch, conv.in_channels, self.context)
+        # rows that have not seen a chunk since their reset (only "replicate"/"reflect" pad from the chunk)
+        self.fresh = torch.ones(batch, dtype=torch.bool, device=weight.device)
 
     def reset(self, rows: list[int] | None) -> None:
-        if rows is None or self.history is None:
-            self.history = None
-            self.fresh = None
-            return
-        self.history[rows] = 0
-        self.fresh[rows] = True
+        target = slice(None) if rows is None else rows
+        self.history[target] = 0
+        self.fresh[target] = True
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, n: int) -> _StreamingConv1d:
+        part = copy.copy(self)
+        part.history, part.fresh = self.history[:n], self.fresh[:n]
+        return part
+
+    def step(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.context == 0:
             return self.conv(x)
-        if self.history is None:
-            self.history = x.new_zeros(x.shape[0], x.shape[1], self.context)
-            self.fresh = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
         history = self.history
         # zeros are already the start padding for "constant"; other modes need the first chunk itself
-        if self.pad_mode != "constant" and bool(self.fresh.any()):
+        if self.pad_mode != "constant":
             start = _start_padding(x, self.context, self.pad_mode)
             history = torch.where(self.fresh[:, None, None], start, history)
-        self.fresh.zero_()
+            _keep(mask, torch.zeros_like(self.fresh), self.fresh)
         window = torch.cat([history, x], dim=-1)
-        self.history = window[..., -self.context :].contiguous()
+        _keep(mask, window[..., -self.context :], self.history)
         return self.conv(window)
 
 
-class _StreamingConvTranspose1d(_RowState):
+class _StreamingConvTranspose1d:
     """A causal `MimiConvTranspose1d` that carries its overlap-add tail into the next chunk.
 
     A transposed convolution spreads each input sample over `kernel` outputs, so the last (kernel - stride)
@@ -163,7 +124,7 @@ class _StreamingConvTranspose1d(_RowState):
     overlap does not count it twice.
     """
 
-    def __init__(self, layer: MimiConvTranspose1d):
+    def __init__(self, layer: MimiConvTranspose1d, batch: int):
         if not layer.causal or layer.padding_left != 0:
             # trimming on the left would delay the output by padding_left samples: not 80 ms out per frame in
             raise ValueError("streaming needs causal transposed convolutions with trim_right_ratio=1.0")
@@ -172,26 +133,25 @@ class _StreamingConvTranspose1d(_RowState):
             raise ValueError("the inner nn.ConvTranspose1d is expected to have no padding of its own")
         self.conv = conv
         self.stride = conv.stride[0]
-        self.tail: torch.Tensor | None = None  # [B, C_out, overlap], None until the first chunk
-
-    _state = {"tail": 0.0}
+        overlap = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1 - self.stride
+        self.tail = conv.weight.new_zeros(batch, conv.out_channels, max(overlap, 0))
 
     def reset(self, rows: list[int] | None) -> None:
-        if rows is None or self.tail is None:
-            self.tail = None
-            return
-        self.tail[rows] = 0
+        self.tail[slice(None) if rows is None else rows] = 0
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
+    def head(self, n: int) -> _StreamingConvTranspose1d:
+        part = copy.copy(self)
+        part.tail = self.tail[:n]
+        return part
+
+    def step(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         conv = self.conv
-        y = F.conv_transpose1d(
-            x, conv.weight, None, stride=self.stride, groups=conv.groups, dilation=conv.dilation[0]
-        )
+        y = F.conv_transpose1d(x, conv.weight, None, stride=self.stride, groups=conv.groups, dilation=conv.dilation[0])
         emitted = x.shape[-1] * self.stride
-        if self.tail is not None:
-            overlap = self.tail.shape[-1]
-            y[..., :overlap] += self.tail
-        self.tail = y[..., emitted:].contiguous()
+        overlap = self.tail.shape[-1]
+        if overlap:
+            y = torch.cat([y[..., :overlap] + self.tail, y[..., overlap:]], dim=-1)
+            _keep(mask, y[..., emitted:], self.tail)
         out = y[..., :emitted]
         if conv.bias is not None:
             out = out + conv.bias[None, :, None]
@@ -201,9 +161,9 @@ class _StreamingConvTranspose1d(_RowState):
 class _StreamingResnetBlock:
     """A `MimiResnetBlock` whose convolutions (and optional convolutional shortcut) stream."""
 
-    def __init__(self, block: MimiResnetBlock):
-        self.steps = _streaming_steps(block.block)
-        self.shortcut = _StreamingConv1d(block.shortcut) if isinstance(block.shortcut, MimiConv1d) else None
+    def __init__(self, block: MimiResnetBlock, batch: int):
+        self.steps = _streaming_steps(block.block, batch)
+        self.shortcut = _StreamingConv1d(block.shortcut, batch) if isinstance(block.shortcut, MimiConv1d) else None
         if self.shortcut is None and not isinstance(block.shortcut, nn.Identity):
             raise TypeError(f"unexpected shortcut {type(block.shortcut).__name__}")
 
@@ -214,15 +174,21 @@ class _StreamingResnetBlock:
         if self.shortcut is not None:
             self.shortcut.reset(rows)
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        residual = self.shortcut.step(x) if self.shortcut is not None else x
-        return residual + _run_steps(self.steps, x)
+    def head(self, n: int) -> _StreamingResnetBlock:
+        part = copy.copy(self)
+        part.steps = _heads(self.steps, n)
+        part.shortcut = self.shortcut.head(n) if self.shortcut is not None else None
+        return part
+
+    def step(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        residual = self.shortcut.step(x, mask) if self.shortcut is not None else x
+        return residual + _run_steps(self.steps, x, mask)
 
 
 _Step = nn.Module | _StreamingConv1d | _StreamingConvTranspose1d | _StreamingResnetBlock
 
 
-def _streaming_steps(layers: nn.ModuleList) -> list[_Step]:
+def _streaming_steps(layers: nn.ModuleList, batch: int) -> list[_Step]:
     """Wrap each layer of a SEANet stack; stateless activations are used as they are.
 
     Unknown layer types are refused rather than run as-is: a stateful layer run chunk by chunk without its
@@ -231,11 +197,11 @@ def _streaming_steps(layers: nn.ModuleList) -> list[_Step]:
     steps: list[_Step] = []
     for layer in layers:
         if isinstance(layer, MimiConv1d):
-            steps.append(_StreamingConv1d(layer))
+            steps.append(_StreamingConv1d(layer, batch))
         elif isinstance(layer, MimiConvTranspose1d):
-            steps.append(_StreamingConvTranspose1d(layer))
+            steps.append(_StreamingConvTranspose1d(layer, batch))
         elif isinstance(layer, MimiResnetBlock):
-            steps.append(_StreamingResnetBlock(layer))
+            steps.append(_StreamingResnetBlock(layer, batch))
         elif isinstance(layer, nn.ELU | nn.Identity):
             steps.append(layer)
         else:
@@ -243,9 +209,13 @@ def _streaming_steps(layers: nn.ModuleList) -> list[_Step]:
     return steps
 
 
-def _run_steps(steps: list[_Step], x: torch.Tensor) -> torch.Tensor:
+def _heads(steps: list[_Step], n: int) -> list[_Step]:
+    return [step if isinstance(step, nn.Module) else step.head(n) for step in steps]
+
+
+def _run_steps(steps: list[_Step], x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     for step in steps:
-        x = step(x) if isinstance(step, nn.Module) else step.step(x)
+        x = step(x) if isinstance(step, nn.Module) else step.step(x, mask)
     return x
 
 
@@ -255,8 +225,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
-class _StreamingTransformer(_RowState):
-    """The decoder's `MimiTransformerModel` run a few positions at a time over a key/value cache.
+class _StreamingTransformer:
+    """The decoder's `MimiTransformerModel` run a few positions at a time over a key/value window.
 
     The offline model lets position p attend to positions p - window + 1 .. p, so the cache keeps the last
     window - 1 keys and values per row. It always holds that many slots, so every call of a given length has
@@ -265,60 +235,61 @@ class _StreamingTransformer(_RowState):
     other rows keep counting.
     """
 
-    def __init__(self, model: MimiTransformerModel):
+    def __init__(self, model: MimiTransformerModel, batch: int):
         self.model = model
-        config = model.config
-        window = getattr(config, "sliding_window", None)
-        self.window: int | None = int(window) if window is not None else None
-        self.capacity: int | None = self.window - 1 if self.window is not None else None
-        self.keys: list[torch.Tensor] | None = None  # per layer [B, kv_heads, slots, head_dim]
-        self.values: list[torch.Tensor] | None = None
-        self.key_positions: torch.Tensor | None = None  # [B, slots]
-        self.offset: torch.Tensor | None = None  # [B] next position per row
-
-    _state = {"keys": 0.0, "values": 0.0, "key_positions": _EMPTY_POSITION, "offset": 0}
-
-    def reset(self, rows: list[int] | None) -> None:
-        if rows is None or self.keys is None:
-            self.keys = self.values = self.key_positions = self.offset = None
-            return
-        for keys, values in zip(self.keys, self.values, strict=True):
-            keys[rows] = 0
-            values[rows] = 0
-        self.key_positions[rows] = _EMPTY_POSITION
-        self.offset[rows] = 0
-
-    def _allocate(self, hidden: torch.Tensor) -> None:
-        batch = hidden.shape[0]
-        slots = self.capacity if self.capacity is not None else 0
-        self.keys, self.values = [], []
-        for layer in self.model.layers:
+        window = getattr(model.config, "sliding_window", None)
+        if window is None:
+            raise ValueError("streaming needs a sliding-window decoder transformer (config.sliding_window)")
+        self.window = int(window)
+        slots = self.window - 1
+        weight = next(model.parameters())
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        for layer in model.layers:
             attn = layer.self_attn
             shape = (batch, attn.num_key_value_heads, slots, attn.head_dim)
-            self.keys.append(hidden.new_zeros(shape))
-            self.values.append(hidden.new_zeros(shape))
-        self.key_positions = torch.full(
-            (batch, slots), _EMPTY_POSITION, dtype=torch.long, device=hidden.device
-        )
-        self.offset = torch.zeros(batch, dtype=torch.long, device=hidden.device)
+            self.keys.append(weight.new_zeros(shape))
+            self.values.append(weight.new_zeros(shape))
+        self.key_positions = torch.full((batch, slots), _EMPTY_POSITION, dtype=torch.long, device=weight.device)
+        self.offset = torch.zeros(batch, dtype=torch.long, device=weight.device)
+        rotary = model.rotary_emb
+        self.inv_freq = rotary.inv_freq
+        self.rotary_scale = float(rotary.attention_scaling)
 
-    def step(self, hidden: torch.Tensor) -> torch.Tensor:
+    def reset(self, rows: list[int] | None) -> None:
+        target = slice(None) if rows is None else rows
+        for keys, values in zip(self.keys, self.values, strict=True):
+            keys[target] = 0
+            values[target] = 0
+        self.key_positions[target] = _EMPTY_POSITION
+        self.offset[target] = 0
+
+    def head(self, n: int) -> _StreamingTransformer:
+        part = copy.copy(self)
+        part.keys = [k[:n] for k in self.keys]
+        part.values = [v[:n] for v in self.values]
+        part.key_positions, part.offset = self.key_positions[:n], self.offset[:n]
+        return part
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # transformers' MimiRotaryEmbedding, without its Python-side dynamic-rope hook
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.rotary_scale).to(dtype), (emb.sin() * self.rotary_scale).to(dtype)
+
+    def step(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """hidden: [B, L, hidden_size] -> [B, L, hidden_size]."""
-        if self.keys is None:
-            self._allocate(hidden)
         batch, length, _ = hidden.shape
         positions = self.offset[:, None] + torch.arange(length, device=hidden.device)  # [B, L]
-        cos, sin = self.model.rotary_emb(hidden, positions)
+        cos, sin = self._rotary(positions, hidden.dtype)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
 
         all_positions = torch.cat([self.key_positions, positions], dim=1)  # [B, slots + L]
         distance = positions[:, :, None] - all_positions[:, None, :]
-        allowed = (distance >= 0) & (all_positions[:, None, :] >= 0)
-        if self.window is not None:
-            allowed &= distance < self.window
-        # [B, 1, L, slots + L]; every query sees at least itself, so no row is all-masked (which would give
-        # NaN)
-        mask = allowed[:, None]
+        allowed = (distance >= 0) & (distance < self.window) & (all_positions[:, None, :] >= 0)
+        # [B, 1, L, slots + L]; every query sees at least itself, so no row is all-masked (which would give NaN)
+        attn_mask = allowed[:, None]
+        slots = self.key_positions.shape[1]
 
         for index, layer in enumerate(self.model.layers):
             attn = layer.self_attn
@@ -329,26 +300,54 @@ class _StreamingTransformer(_RowState):
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             keys = torch.cat([self.keys[index], k], dim=2)
             values = torch.cat([self.values[index], v], dim=2)
-            self.keys[index] = self._keep(keys, dim=2)
-            self.values[index] = self._keep(values, dim=2)
+            _keep(mask, keys[:, :, keys.shape[2] - slots :], self.keys[index])
+            _keep(mask, values[:, :, values.shape[2] - slots :], self.values[index])
             groups = attn.num_key_value_groups
             if groups > 1:
                 keys = keys.repeat_interleave(groups, dim=1)
                 values = values.repeat_interleave(groups, dim=1)
-            context = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+            context = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=attn.scaling)
             context = context.transpose(1, 2).reshape(batch, length, -1)
             hidden = hidden + layer.self_attn_layer_scale(attn.o_proj(context))
             hidden = hidden + layer.mlp_layer_scale(layer.mlp(layer.post_attention_layernorm(hidden)))
 
-        self.key_positions = self._keep(all_positions, dim=1)
-        self.offset = self.offset + length
+        _keep(mask, all_positions[:, all_positions.shape[1] - slots :], self.key_positions)
+        _keep(mask, self.offset + length, self.offset)
         return hidden
 
-    def _keep(self, cache: torch.Tensor, dim: int) -> torch.Tensor:
-        """The most recent `capacity` entries along the slot axis `dim` (all of them without a window)."""
-        if self.capacity is None:
-            return cache
-        return cache.narrow(dim, cache.shape[dim] - self.capacity, self.capacity).contiguous()
+
+class _Dequantizer:
+    """Codes [B, K, T] -> latents [B, hidden, T], as Mimi's split residual quantizer decodes them.
+
+    The codebook tables are materialised once here (Mimi memoises them on first use and never refreshes the
+    memo), and each group is summed and projected in the same order as transformers does it.
+    """
+
+    def __init__(self, quantizer: nn.Module):
+        self.groups: list[tuple[list[torch.Tensor], nn.Module | None, int]] = []
+        start = 0
+        for rvq in (quantizer.semantic_residual_vector_quantizer, quantizer.acoustic_residual_vector_quantizer):
+            tables = []
+            for layer in rvq.layers:
+                book = layer.codebook
+                tables.append(book.embed_sum / book.cluster_usage.clamp(min=book.epsilon)[:, None])
+            self.groups.append((tables, rvq.output_proj, start))
+            start += len(tables)
+        self.num_codebooks = start
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        out = None
+        for tables, proj, start in self.groups:
+            if start >= codes.shape[1]:
+                break
+            group = None
+            for i, table in enumerate(tables[: codes.shape[1] - start]):
+                part = F.embedding(codes[:, start + i], table).permute(0, 2, 1)
+                group = part if group is None else group + part
+            if proj is not None:
+                group = proj(group)
+            out = group if out is None else out + group
+        return out
 
 
 class StreamingMimiDecoder:
@@ -375,16 +374,10 @@ class StreamingMimiDecoder:
         upsample, transformer, seanet = self._decoder_parts(mimi)
         self.mimi = mimi
         self.batch_size = batch_size
-        # Mimi codebooks memoise their embedding table on first use and never refresh it, so a model decoded
-        # once and then moved to another dtype/device (or reloaded) would look codes up in the stale table.
-        # Dropping the memo only makes the next lookup rebuild it from the current buffers.
-        for module in mimi.quantizer.modules():
-            if hasattr(module, "_embed"):
-                module._embed = None
-        self._quantizer = mimi.quantizer
-        self._upsample = _StreamingConvTranspose1d(upsample) if upsample is not None else None
-        self._transformer = _StreamingTransformer(transformer)
-        self._seanet = _streaming_steps(seanet.layers)
+        self._dequantize = _Dequantizer(mimi.quantizer)
+        self._upsample = _StreamingConvTranspose1d(upsample, batch_size) if upsample is not None else None
+        self._transformer = _StreamingTransformer(transformer, batch_size)
+        self._seanet = _streaming_steps(seanet.layers, batch_size)
         latent_stride = upsample.conv.stride[0] if upsample is not None else 1
         #: audio samples produced per codec frame (1920 for Mimi at 24 kHz / 12.5 Hz)
         self.samples_per_frame = latent_stride * math.prod(config.upsampling_ratios)
@@ -404,20 +397,20 @@ class StreamingMimiDecoder:
             return decoder.upsample, decoder.decoder_transformer, decoder.decoder_seanet
         return mimi.upsample, mimi.decoder_transformer, decoder
 
+    def head(self, n: int) -> StreamingMimiDecoder:
+        """The first `n` rows as a decoder of their own, sharing this one's state (a smaller batch bucket)."""
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"head({n}) of a {self.batch_size}-row decoder")
+        part = copy.copy(self)
+        part.batch_size = n
+        part._upsample = self._upsample.head(n) if self._upsample is not None else None
+        part._transformer = self._transformer.head(n)
+        part._seanet = _heads(self._seanet, n)
+        return part
+
     def _stateful(self) -> list:
         parts = [self._upsample, self._transformer, *self._seanet]
         return [part for part in parts if part is not None and not isinstance(part, nn.Module)]
-
-    def _leaves(self) -> list[_RowState]:
-        leaves: list[_RowState] = []
-        for part in self._stateful():
-            if isinstance(part, _StreamingResnetBlock):
-                leaves += [s for s in part.steps if isinstance(s, _RowState)]
-                if part.shortcut is not None:
-                    leaves.append(part.shortcut)
-            else:
-                leaves.append(part)
-        return leaves
 
     @torch.inference_mode()
     def reset(self, rows: list[int] | None = None) -> None:
@@ -426,53 +419,39 @@ class StreamingMimiDecoder:
         A batched engine runs many conversations in one batch and restarts a row when its next reply begins;
         the restarted row then decodes exactly as a freshly built decoder would.
         """
-        index = _row_index(rows, self.batch_size)
-        if index is not None and not index:
-            return
+        if rows is not None:
+            rows = sorted(set(rows))
+            for row in rows:
+                if not 0 <= row < self.batch_size:
+                    raise IndexError(f"row {row} is outside the batch of {self.batch_size}")
+            if not rows:
+                return
         for part in self._stateful():
-            part.reset(index)
+            part.reset(rows)
 
     @torch.inference_mode()
-    def decode(self, codes: torch.LongTensor, rows: list[int] | None = None) -> torch.Tensor:
-        """Audio for the next frames of the streams: codes [B, K, T] -> waveform [B, T * 1920].
+    def decode(self, codes: torch.LongTensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Audio for the next frames of every row: codes [B, K, T] -> waveform [B, T * 1920].
 
-        With `rows`, codes hold only those rows (in that order) and every other row's stream stays where it
-        was, so a batched engine decodes just the conversations that made a frame this step in one call.
-        Only the new frames are passed; what earlier frames contribute is in the carried state. Codes must
-        already be valid codebook indices (0..2047): Chroma's special values (2048+) are the caller's to strip
-        or clamp.
+        With `mask` ([B] bool), only those rows' streams advance; the others' output is computed and ignored,
+        and their state stays exactly where it was. Only the new frames are passed; what earlier frames
+        contribute is in the carried state. Codes must already be valid codebook indices (0..2047): Chroma's
+        special values (2048+) are the caller's to strip or clamp.
         """
         if codes.dim() != 3:
             raise ValueError(f"codes must be [batch, codebooks, frames], got shape {tuple(codes.shape)}")
+        if codes.shape[0] != self.batch_size:
+            raise ValueError(f"codes have {codes.shape[0]} rows, the decoder was built for {self.batch_size}")
         if codes.shape[-1] < 1:
             raise ValueError("decode needs at least one frame")
-        if rows is None:
-            if codes.shape[0] != self.batch_size:
-                raise ValueError(f"codes have {codes.shape[0]} rows, the decoder was built for {self.batch_size}")
-            return self._decode(codes)
-        rows = list(rows)
-        if len(set(rows)) != len(rows) or len(rows) != codes.shape[0]:
-            raise ValueError(f"rows {rows} must be distinct and match the {codes.shape[0]} rows of codes")
-        _row_index(rows, self.batch_size)
-        if len(rows) == self.batch_size and rows == sorted(rows):
-            return self._decode(codes)
-        leaves = self._leaves()
-        saved = [leaf.narrow_state(rows) for leaf in leaves]
-        try:
-            return self._decode(codes)
-        finally:
-            for leaf, full in zip(leaves, saved, strict=True):
-                leaf.widen_state(rows, full, self.batch_size)
+        if mask is not None and tuple(mask.shape) != (self.batch_size,):
+            raise ValueError(f"mask must be [{self.batch_size}] bool, got shape {tuple(mask.shape)}")
+        return self.step(codes, mask)
 
-    def _decode(self, codes: torch.LongTensor) -> torch.Tensor:
-        codes = codes.to(device=self._quantizer_device(), dtype=torch.long)
-        latents = self._quantizer.decode(codes)  # [B, hidden, T]
-        hidden = self._upsample.step(latents) if self._upsample is not None else latents
-        hidden = self._transformer.step(hidden.transpose(1, 2)).transpose(1, 2)
-        audio = _run_steps(self._seanet, hidden)  # [B, 1, T * samples_per_frame]
+    def step(self, codes: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """`decode` without the checks: the traceable body a compiled engine step calls."""
+        latents = self._dequantize(codes.long())  # [B, hidden, T]
+        hidden = self._upsample.step(latents, mask) if self._upsample is not None else latents
+        hidden = self._transformer.step(hidden.transpose(1, 2), mask).transpose(1, 2)
+        audio = _run_steps(self._seanet, hidden, mask)  # [B, 1, T * samples_per_frame]
         return audio[:, 0]
-
-    def _quantizer_device(self) -> torch.device:
-        for tensor in self._quantizer.buffers():
-            return tensor.device
-        return next(self.mimi.parameters()).device

@@ -1,465 +1,324 @@
-"""A conversation: one user or call, its thinker context kept in a KV-cache row between turns.
+"""A conversation handle: one user or call, its thinker context kept in a KV-cache row between turns.
 
-The thinker context is a list of turns, each with the exact token ids it contributes (rendered with the
-checkpoint's chat template; an assistant turn holds the ids the thinker actually chose). The engine keeps
-`cached` of those ids in the row's KV cache, so a new turn prefills only what follows them. Barge-in
-(`truncate`) shortens the last assistant turn to what the listener heard and closes it as the template
-closes a turn; the cached ids that still match stay valid.
+The handle owns nothing but ids: the engine thread owns the row, the context and every reply, and the
+handle's methods only post commands to it. CPU work a command needs (decoding and resampling audio,
+Whisper features, the chat template, tokenizing) runs in the engine's worker pool before the command is
+queued, never on the caller's event loop and never on the engine thread. Commands of one conversation are
+applied in the order they were called, whatever their preparation takes.
+
+Every method returns at once. The ones with a result return a `Pending`: `await` it from async code, or
+call `.result()` from a script. `cancel()` acts immediately (a flag the step loop reads before its next
+step); `truncate`, `close` and the edits are queued and never wait for a step either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-import math
-import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import itertools
+import queue
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
-import torch
 
-from chroma_agent.audio import load_audio
-from chroma_agent.engine.events import (
-    AudioChunk,
-    ResponseDone,
-    ResponseError,
-    ResponseEvent,
-)
-from chroma_agent.engine.sampling import Sampler, SamplingParams
-from chroma_agent.engine.step import ReplyState
+from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, ResponseEvent
+from chroma_agent.engine.sampling import SamplingParams
 from chroma_agent.voices import VoiceProfile
 
 if TYPE_CHECKING:
     from chroma_agent.engine.engine import Engine
 
-FRAME_MS = 80.0
+T = TypeVar("T")
 
 
 class ConversationError(RuntimeError):
     """A conversation was used in a way it cannot serve (closed, reply already running, ...)."""
 
 
-@dataclass
-class Turn:
+class Pending(concurrent.futures.Future, Generic[T]):
+    """The result of an engine command: awaitable from any event loop, `.result()` from a plain thread."""
+
+    def __await__(self):
+        return asyncio.wrap_future(self).__await__()
+
+
+@dataclass(frozen=True)
+class TurnRef:
+    """A turn added to a conversation, to remove it later (`Conversation.remove_turns`)."""
+
+    id: int
     role: str
-    message: dict[str, Any]  # chat-template form (audio parts as placeholders), used to render later turns
-    ids: list[int]
-    features: torch.Tensor | None = None
-    feature_mask: torch.Tensor | None = None
-    text: str = ""
-    audio_seconds: float = 0.0
-    prompt_len: int = 0  # assistant turns: ids of the template's "assistant" header before the reply
 
 
-@dataclass
-class Reply:
-    """One `respond()` call as the engine's step loop sees it."""
+@dataclass(frozen=True)
+class TurnInfo:
+    id: int
+    role: str
+    text: str
+    tokens: int
+    audio_seconds: float  # user audio heard, or reply audio made
+    instructions: bool = False  # the conversation's system prompt
 
-    conversation: Conversation
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
-    sampler: Sampler
-    max_frames: int
-    prefill_ids: list[int]
-    prefill_features: torch.Tensor | None
-    prefill_mask: torch.Tensor | None
-    context_start: int  # thinker slot of the first prefilled id
-    context_len: int  # context ids (through the assistant header) when the reply started
-    turn: Turn  # the assistant turn this reply fills
-    started_at: float = field(default_factory=time.perf_counter)
-    state: ReplyState | None = None
-    cancelled: bool = False
-    finished: bool = False
-    frames_produced: int = 0
-    frames_consumed: int = 0
-    first_audio_at: float | None = None
-    prefill_ms: float = 0.0
-    text_ids: list[int] = field(default_factory=list)
-    frame_steps: list[int] = field(default_factory=list)
-    spoken_text: str = ""
-    truncate_ms: float | None = None
-    frames_heard: int | None = None
-    epoch: int = 0  # the conversation's epoch when the reply was prefilled
 
-    def emit(self, event: ResponseEvent) -> None:
+@dataclass(frozen=True)
+class ContextView:
+    """A snapshot of a conversation's thinker context (`Conversation.inspect`)."""
+
+    turns: list[TurnInfo]
+    ids: list[int]  # the whole context as the thinker reads it (template prefix included)
+    cached: int  # leading ids held in the conversation's KV row
+    replying: bool  # a reply is queued or running
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """The turns as plain dicts (role, text, audio seconds)."""
+        return [{"role": t.role, "text": t.text, "audio_seconds": round(t.audio_seconds, 3)} for t in self.turns]
+
+
+class Response:
+    """One reply's events as they are made: `AudioChunk`s and `TextDelta`s, then `ResponseDone` or
+    `ResponseError`. Iterate it with `async for` (or plain `for` in a script without an event loop).
+
+    Leaving the iteration early cancels the reply (a disconnected client frees its slot within a step).
+    """
+
+    def __init__(self, conversation: Conversation):
+        self.conversation = conversation
+        self.started: Pending[None] = Pending()
+        self.frames_consumed = 0  # written here, read by the engine thread: pacing needs no lock
+        self.frames_produced = 0  # written by the engine thread
+        self.throttled = False  # set by the engine thread when it waits for this consumer
+        self.cancel_requested = False
+        self.finished = False
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if self._loop else queue.SimpleQueue()
+        self._buffer: list[ResponseEvent] = []
+        self._stream: AsyncIterator[ResponseEvent] | None = None
+
+    # --- the engine side ----------------------------------------------------------------------------
+
+    def deliver(self, events: list[ResponseEvent]) -> None:
+        """Hand a step's events to the consumer in one wake-up (called on the engine thread)."""
+        if not events:
+            return
+        if self._loop is None:
+            self._queue.put(events)
+            return
         # A closed consumer loop means nobody listens any more; the reply still finishes normally.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, events)
+
+    # --- the consumer side --------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop before the next step; the final event is `ResponseDone(reason="cancelled")`."""
+        if not self.finished and not self.cancel_requested:
+            self.cancel_requested = True
+            self.conversation.engine.nudge()
+
+    def _consumed(self, event: ResponseEvent) -> bool:
+        if isinstance(event, AudioChunk):
+            self.frames_consumed += 1
+            if self.throttled:
+                self.conversation.engine.nudge()
+        if isinstance(event, ResponseDone | ResponseError):
+            self.finished = True
+            return True
+        return False
+
+    # One underlying stream however it is read: `async for`, `anext()`, then `async for` again, `aclose()`.
+    def __aiter__(self) -> AsyncIterator[ResponseEvent]:
+        return self._events()
+
+    def __anext__(self):
+        return self._events().__anext__()
+
+    async def aclose(self) -> None:
+        """Stop reading; a reply still running is cancelled."""
+        await self._events().aclose()
+        if not self.finished:
+            self.cancel()
+
+    def _events(self) -> AsyncIterator[ResponseEvent]:
+        if self._stream is None:
+            self._stream = self._aiter()
+        return self._stream
+
+    async def _aiter(self) -> AsyncIterator[ResponseEvent]:
+        await self.started  # raises ConversationError if the reply could not start
+        try:
+            while True:
+                if not self._buffer:
+                    self._buffer = await self._queue.get()
+                event = self._buffer.pop(0)
+                done = self._consumed(event)
+                yield event
+                if done:
+                    return
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def __iter__(self) -> Iterator[ResponseEvent]:
+        if self._loop is not None:
+            raise RuntimeError("this response was created inside an event loop: iterate it with `async for`")
+        self.started.result()
+        try:
+            while True:
+                if not self._buffer:
+                    self._buffer = self._queue.get()
+                event = self._buffer.pop(0)
+                done = self._consumed(event)
+                yield event
+                if done:
+                    return
+        finally:
+            if not self.finished:
+                self.cancel()
 
 
 class Conversation:
-    """Created by `Engine.open_conversation`; every method is safe to call from any thread."""
+    """Made by `Engine.open_conversation`; every method is safe to call from any thread or loop."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        row: int,
-        voice: VoiceProfile,
-        instructions: str | None,
-        sampling: SamplingParams,
-    ):
-        self.id = uuid.uuid4().hex[:12]
+    def __init__(self, engine: Engine, conversation_id: str, row: int, voice: VoiceProfile,
+                 instructions: str | None = None):
         self.engine = engine
+        self.id = conversation_id
         self.row = row
-        self.voice = voice
-        self.sampling = sampling
-        self.instructions = instructions
-        self.turns: list[Turn] = []
-        self.cached = 0  # leading context ids valid in this row's thinker KV cache
-        self.epoch = 0  # bumped whenever the whole context is re-rendered (the cache is then void)
-        self.reply: Reply | None = None
-        self.last_reply: Reply | None = None
+        self.voice = voice  # the voice new replies speak with (as last set through this handle)
+        self.instructions = instructions  # the system prompt (as last set through this handle)
         self.closed = False
-        self.history: list[dict[str, Any]] = []
-        if instructions:
-            self._append_turn("system", {"role": "system", "content": instructions}, text=instructions)
+        self._seq = itertools.count()
+        self._latest: Response | None = None
 
-    # --- building the context -----------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"Conversation({self.id}, row {self.row}, voice {self.voice.name!r})"
 
-    @property
-    def context_ids(self) -> list[int]:
-        return [t for turn in self.turns for t in turn.ids]
+    def _command(self, apply: Callable[..., Any], prepare: Callable[[], Any] | None = None) -> Pending:
+        if self.closed:
+            raise ConversationError(f"conversation {self.id} is closed")
+        return self.engine.post(self.id, next(self._seq), apply, prepare)
 
-    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
-        if not messages:
-            return ""
-        return self.engine.processor.render(messages, add_generation_prompt=generation_prompt)
+    # --- the context --------------------------------------------------------------------------------
 
-    def _messages(self) -> list[dict[str, Any]]:
-        return [turn.message for turn in self.turns]
-
-    def _tokenize(self, text: str, clips: list[np.ndarray]) -> tuple[list[int], Any]:
-        inputs = self.engine.processor.encode_text(text, clips)
-        return inputs.input_ids[0].tolist(), inputs
-
-    def _append_turn(self, role: str, message: dict[str, Any], *, clips: list[np.ndarray] | None = None,
-                     text: str = "") -> Turn:
-        before = self._messages()
-        piece = self._render([*before, message])[len(self._render(before)):]
-        ids, inputs = self._tokenize(piece, clips or [])
-        turn = Turn(role, message, ids, inputs.input_features, inputs.feature_attention_mask, text,
-                    sum(len(c) for c in (clips or [])) / self.engine.processor.audio_sample_rate)
-        self.turns.append(turn)
-        self.history.append({"role": role, "text": text, "audio_seconds": round(turn.audio_seconds, 3)})
-        return turn
-
-    def _rerender(self) -> None:
-        """Recompute every templated turn (after the system prompt changed or old turns were dropped)."""
-        messages: list[dict[str, Any]] = []
-        for turn in self.turns:
-            if turn.role != "assistant":
-                piece = self._render([*messages, turn.message])[len(self._render(messages)):]
-                turn.ids = self.engine.processor.tokenizer(piece, add_special_tokens=False)["input_ids"]
-                if turn.features is not None:
-                    turn.ids = self._expand_audio(turn.ids, turn.feature_mask)
-            messages.append(turn.message)
-        self.cached = 0
-        self.epoch += 1
-
-    def _expand_audio(self, ids: list[int], mask: torch.Tensor) -> list[int]:
-        from chroma_agent.model.processor import num_audio_tokens
-
-        counts = iter(num_audio_tokens(int(n)) for n in mask.sum(-1))
-        audio_id = self.engine.processor.audio_token_id
-        out: list[int] = []
-        for t in ids:
-            out.extend([t] * next(counts) if t == audio_id else [t])
-        return out
-
-    # --- public API ---------------------------------------------------------------------------------
-
-    def add_user_audio(self, pcm: np.ndarray | bytes, sample_rate: int) -> None:
+    def add_user_audio(self, pcm: np.ndarray | bytes, sample_rate: int) -> Pending[TurnRef]:
         """A user turn spoken as audio (any rate, mono or [samples, channels]; int16 or float)."""
-        self.add_user_message([(pcm, sample_rate)])
+        return self.add_user_message([(pcm, sample_rate)])
 
-    def add_user_message(self, parts: list[str | tuple[np.ndarray | bytes, int]]) -> None:
+    def add_user_message(self, parts: Sequence[str | tuple[np.ndarray | bytes, int]]) -> Pending[TurnRef]:
         """One user turn of text and audio parts in order (text as str, audio as (pcm, sample_rate)).
 
         The chat template renders them inside one user message, as the reference does for a message with
         several content parts.
         """
-        rate = self.engine.processor.audio_sample_rate
-        content: list[dict[str, str]] = []
-        clips: list[np.ndarray] = []
-        for part in parts:
-            if isinstance(part, str):
-                content.append({"type": "text", "text": part})
-            else:
-                pcm, sample_rate = part
-                clips.append(load_audio(pcm, rate, sample_rate=sample_rate, allow_paths=False,
-                                        max_seconds=self.engine.config.max_user_audio_s))
-                content.append({"type": "audio", "audio": "<clip>"})
-        text = "".join(p["text"] for p in content if p["type"] == "text")
-        if not clips and not text.strip():
-            raise ValueError("user message is empty")
-        with self.engine.lock:
-            self._check_open()
-            self._append_turn("user", {"role": "user", "content": content}, clips=clips, text=text)
+        parts = list(parts)
+        return self._command(self.engine.apply_turn, lambda: self.engine.prepare_turn("user", parts))
 
-    def add_user_text(self, text: str) -> None:
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("user text is empty")
-        with self.engine.lock:
-            self._check_open()
-            self._append_turn("user", {"role": "user", "content": text}, text=text)
+    def add_user_text(self, text: str) -> Pending[TurnRef]:
+        return self._text_turn("user", text)
 
-    def add_system_text(self, text: str) -> None:
+    def add_system_text(self, text: str) -> Pending[TurnRef]:
         """A system note at this point of the conversation (kept in the context)."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("system text is empty")
-        with self.engine.lock:
-            self._check_open()
-            self._append_turn("system", {"role": "system", "content": text}, text=text)
+        return self._text_turn("system", text)
 
-    def add_assistant_text(self, text: str) -> None:
+    def add_assistant_text(self, text: str) -> Pending[TurnRef]:
         """An assistant turn given as text (e.g. restored chat history); no audio is generated for it."""
-        if not isinstance(text, str):
-            raise ValueError("assistant text must be a string")
-        with self.engine.lock:
-            self._check_open()
-            self._append_turn("assistant", {"role": "assistant", "content": text}, text=text)
+        return self._text_turn("assistant", text, allow_empty=True)
 
-    def set_instructions(self, text: str | None) -> None:
-        """Replace the system prompt. The whole context is prefilled again on the next reply."""
-        with self.engine.lock:
-            self._check_open()
-            self.instructions = text or None
-            if self.turns and self.turns[0].role == "system" and self.turns[0] is not None:
-                self.turns.pop(0)
-            if self.instructions:
-                self.turns.insert(0, Turn("system", {"role": "system", "content": self.instructions}, [],
-                                          text=self.instructions))
-            self._rerender()
+    def _text_turn(self, role: str, text: str, allow_empty: bool = False) -> Pending[TurnRef]:
+        if not isinstance(text, str) or (not allow_empty and not text.strip()):
+            raise ValueError(f"{role} text is empty")
+        return self._command(self.engine.apply_turn, lambda: self.engine.prepare_turn(role, [text]))
 
-    def set_voice(self, voice: VoiceProfile) -> None:
-        with self.engine.lock:
-            self._check_open()
-            self.voice = voice
+    def set_instructions(self, text: str | None) -> Pending[None]:
+        """Replace the system prompt (None removes it). The context is prefilled again on the next reply."""
+        text = text or None
+        self.instructions = text
+        prepare = (lambda: self.engine.prepare_turn("system", [text])) if text else (lambda: None)
+        return self._command(self.engine.apply_instructions, prepare)
 
-    async def respond(
+    def set_voice(self, voice: VoiceProfile) -> Pending[None]:
+        voice.require_compatible(self.engine.model.config)
+        self.voice = voice
+        return self._command(lambda session, _: session.set_voice(voice))
+
+    def remove_turns(self, turns: Sequence[TurnRef]) -> Pending[None]:
+        """Remove turns from the context (e.g. a deleted conversation item)."""
+        ids = [t.id for t in turns]
+        return self._command(lambda session, _: session.remove_turns(ids))
+
+    def inspect(self) -> Pending[ContextView]:
+        """What the conversation's context holds now (after every command called before this one)."""
+        return self._command(lambda session, _: session.view())
+
+    # --- replies ------------------------------------------------------------------------------------
+
+    def respond(
         self,
         instructions: str | None = None,
         *,
         max_frames: int | None = None,
         sampling: SamplingParams | None = None,
-    ) -> AsyncIterator[ResponseEvent]:
-        """Stream the assistant's reply: `AudioChunk`s and `TextDelta`s, then `ResponseDone`/`ResponseError`.
+        output_audio: bool = True,
+        max_tokens: int | None = None,
+    ) -> Response:
+        """Start the assistant's reply and return its event stream at once.
 
-        Leaving the iteration early cancels the reply (a disconnected client frees its slot within a step).
+        `instructions` are added as a system note first. `output_audio=False` runs the thinker alone (a text
+        reply at thinker speed, up to `max_tokens`); its text equals the text the same reply would speak.
         """
-        reply = self._submit(instructions, max_frames, sampling)
-        try:
-            while True:
-                event = await reply.queue.get()
-                if isinstance(event, AudioChunk):
-                    reply.frames_consumed += 1
-                    self.engine.wake()
-                yield event
-                if isinstance(event, ResponseDone | ResponseError):
-                    return
-        finally:
-            if not reply.finished:
-                reply.cancelled = True
-                self.engine.wake()
+        response = Response(self)
+        self._latest = response
+        prepare = (lambda: self.engine.prepare_turn("system", [instructions])) if instructions else (lambda: None)
+
+        def apply(session, note):
+            return self.engine.apply_respond(session, response, note, max_frames, sampling, output_audio,
+                                             max_tokens)
+
+        pending = self._command(apply, prepare)
+        pending.add_done_callback(lambda f: _forward(f, response.started))
+        return response
 
     def cancel(self) -> None:
         """Stop the running reply before the next step (no-op when none runs)."""
-        reply = self.reply
-        if reply is not None:
-            reply.cancelled = True
-            self.engine.wake()
+        if self._latest is not None:
+            self._latest.cancel()
 
-    def truncate(self, heard_ms: float) -> str | None:
-        """Keep only the part of the last reply the listener heard; returns the kept transcript.
+    def truncate(self, heard_ms: float) -> Pending[str | None]:
+        """Keep only the part of the last reply the listener heard; its result is the kept transcript.
 
-        A reply still running is cancelled and truncated when it stops: then this returns None and the
-        kept transcript arrives as that reply's `ResponseDone.text`.
+        A reply still running is cancelled and truncated when it stops: then the result is None and the kept
+        transcript arrives as that reply's `ResponseDone.text`.
         """
-        if heard_ms < 0 or not math.isfinite(heard_ms):
+        if not isinstance(heard_ms, int | float) or heard_ms != heard_ms or heard_ms < 0 or heard_ms == float("inf"):
             raise ValueError(f"heard_ms must be a finite number >= 0, got {heard_ms}")
-        with self.engine.lock:
-            self._check_open()
-            reply = self.reply or self.last_reply
-            if reply is None:
-                raise ConversationError("nothing to truncate: the conversation has no reply yet")
-            if not reply.finished:
-                reply.cancelled = True
-                reply.truncate_ms = heard_ms
-                self.engine.wake()
-                return None
-            self._apply_truncation(reply, heard_ms)
-            return reply.spoken_text
+        if self._latest is not None and not self._latest.finished:
+            self._latest.cancel()
+        return self._command(lambda session, _: session.truncate(float(heard_ms)))
 
-    def close(self) -> None:
-        """Free the KV-cache row at once; a running reply ends as cancelled."""
-        self.engine.release(self)
-
-    # --- used by the engine's step loop (under the engine lock) ----------------------------------------
-
-    def _check_open(self) -> None:
+    def close(self) -> Pending[None]:
+        """Free the KV-cache row; a running reply ends as cancelled. Safe to call twice."""
         if self.closed:
-            raise ConversationError(f"conversation {self.id} is closed")
-
-    def _submit(self, instructions: str | None, max_frames: int | None, sampling: SamplingParams | None) -> Reply:
-        engine = self.engine
-        loop = asyncio.get_running_loop()
-        with engine.lock:
-            self._check_open()
-            if self.reply is not None:
-                raise ConversationError("a reply is already in progress; cancel it first")
-            if not self.turns and not instructions:
-                raise ConversationError("the conversation is empty: add a user turn or instructions first")
-            if instructions:
-                self._append_turn("system", {"role": "system", "content": instructions}, text=instructions)
-            frames = engine.clamp_frames(self.voice, max_frames)
-            self._fit_context(frames)
-            messages = self._messages()
-            prompt = self._render(messages, True)[len(self._render(messages)):]
-            ids = engine.processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            turn = Turn("assistant", {"role": "assistant", "content": ""}, ids, prompt_len=len(ids))
-            self.turns.append(turn)
-            self.history.append({"role": "assistant", "text": "", "audio_seconds": 0.0})
-            context = self.context_ids
-            start = self.cached
-            # A partly cached audio turn is prefilled whole: its audio embeddings come as one piece.
-            offset = 0
-            for t in self.turns:
-                if offset < start < offset + len(t.ids) and t.features is not None:
-                    start = offset
-                offset += len(t.ids)
-            features, mask = self._features_from(start)
-            reply = Reply(
-                conversation=self, loop=loop, queue=asyncio.Queue(), sampler=Sampler(sampling or self.sampling,
-                device=engine.model.device), max_frames=frames, prefill_ids=context[start:],
-                prefill_features=features, prefill_mask=mask, context_start=start, context_len=len(context),
-                turn=turn, epoch=self.epoch,
-            )
-            self.reply = reply
-            engine.submit(reply)
-            return reply
-
-    def _features_from(self, start: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        feats, masks = [], []
-        offset = 0
-        for t in self.turns:
-            if offset >= start and t.features is not None:
-                feats.extend(t.features)
-                masks.extend(t.feature_mask)
-            offset += len(t.ids)
-        if not feats:
-            return None, None
-        width = max(f.shape[-1] for f in feats)
-        features = torch.zeros(len(feats), feats[0].shape[0], width)
-        mask = torch.zeros(len(feats), width, dtype=torch.long)
-        for i, (f, m) in enumerate(zip(feats, masks, strict=True)):
-            features[i, :, : f.shape[-1]] = f
-            mask[i, : m.shape[-1]] = m
-        return features, mask
-
-    def _fit_context(self, max_frames: int) -> None:
-        """Drop the oldest turns (never the system prompt) until the context and a reply fit the row."""
-        budget = self.engine.config.thinker_context - (max_frames + 2) // 2 - 8
-        dropped = False
-        while len(self.context_ids) + 16 > budget:
-            first = 1 if self.turns and self.turns[0].role == "system" and self.instructions else 0
-            if len(self.turns) <= first:
-                raise ConversationError("the instructions alone do not fit the thinker context")
-            self.turns.pop(first)
-            dropped = True
-        if dropped:
-            self._rerender()
-
-    def on_finished(self, reply: Reply, reason: str) -> ResponseDone:
-        """Close the assistant turn with what was spoken; returns the final event."""
-        chosen = [t for t, _ in reply.state.text] if reply.state else []
-        # Reply ids fed to the thinker sit in the row right after the context; none if prefill never ran or
-        # the context was re-rendered meanwhile (new instructions, removed turns): then the row is void.
-        valid = reply.state is not None and reply.epoch == self.epoch
-        fed = reply.state.thinker_pos - reply.context_len if valid else None
-        self._close_turn(reply, self._without_end(chosen), fed)
-        if reply.truncate_ms is not None:
-            self._apply_truncation(reply, reply.truncate_ms)
-        return ResponseDone(
-            reason=reason, text=reply.spoken_text, usage=self.engine.usage(reply), timings=self.engine.timings(reply),
-            frame_steps=list(reply.frame_steps),
-        )
-
-    def remove_turns(self, turns: list[Turn]) -> None:
-        """Remove turns from the context (e.g. a deleted conversation item)."""
-        with self.engine.lock:
-            self._check_open()
-            for turn in turns:
-                self.drop_turn(turn)
-
-    def drop_turn(self, turn: Turn) -> None:
-        """Forget a turn (a deleted item, a failed reply); the row's cache stays valid up to where it began.
-
-        Call with the engine lock held, or through `remove_turns`.
-        """
-        index = next((i for i, t in enumerate(self.turns) if t is turn), None)
-        if index is None:
-            return
-        self.cached = min(self.cached, sum(len(t.ids) for t in self.turns[:index]))
-        del self.turns[index]
-        if index == 0:  # the template renders the first message differently (a default system prompt)
-            self._rerender()
-        if turn.role == "assistant":
-            for i in range(len(self.history) - 1, -1, -1):
-                if self.history[i]["role"] == "assistant":
-                    del self.history[i]
-                    break
-
-    def _without_end(self, ids: list[int]) -> list[int]:
-        end = self.engine.model.config.im_end_id
-        return [t for t in ids if t != end]
-
-    def _close_turn(self, reply: Reply, kept: list[int], fed: int | None) -> None:
-        """Assistant turn = its header + the kept reply ids + the template's end of turn."""
-        turn = reply.turn
-        index = next(i for i, t in enumerate(self.turns) if t is turn)
-        before = sum(len(t.ids) for t in self.turns[:index])
-        text = self.engine.processor.decode_text(kept, skip_special_tokens=True)
-        turn.ids = turn.ids[: turn.prompt_len] + kept + self.engine.turn_end_ids
-        turn.message = {"role": "assistant", "content": text}
-        turn.text = text
-        reply.text_ids = kept
-        reply.spoken_text = text
-        for entry in reversed(self.history):
-            if entry["role"] == "assistant":
-                entry["text"] = text
-                entry["audio_seconds"] = round(reply.frames_produced * FRAME_MS / 1000, 3)
-                break
-        # The row holds the header and the reply ids fed so far: only the prefix matching `kept` stays valid.
-        if fed is None:
-            self.cached = min(self.cached, before + turn.prompt_len + len(kept))
-        else:
-            self.cached = before + turn.prompt_len + min(fed, len(kept))
-
-    def _apply_truncation(self, reply: Reply, heard_ms: float) -> None:
-        heard = min(math.ceil(heard_ms / FRAME_MS - 1e-9), len(reply.frame_steps))
-        reply.frames_heard = heard
-        if heard >= len(reply.frame_steps) and reply.state is not None and reply.state.finished:
-            return  # everything was heard
-        last_step = reply.frame_steps[heard - 1] if heard > 0 else -1
-        spoken = [t for t, step in (reply.state.text if reply.state else []) if step <= last_step]
-        self._close_turn(reply, self._without_end(spoken), None)
+            done: Pending[None] = Pending()
+            done.set_result(None)
+            return done
+        self.cancel()
+        pending = self._command(self.engine.apply_close)
+        self.closed = True
+        return pending
 
 
-class _Detokenizer:
-    """Streams text for growing token ids without splitting multi-byte characters."""
-
-    def __init__(self, decode):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.text = ""
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        delta, self.text = text[len(self.text):], text
-        return delta
+def _forward(source: concurrent.futures.Future, target: concurrent.futures.Future) -> None:
+    if target.done():
+        return
+    exc = source.exception()
+    if exc is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(None)

@@ -1,34 +1,58 @@
 """The engine: loads Chroma once, owns the device, and runs ONE step loop for every live reply.
 
-Each conversation holds one row of two static KV caches (thinker and backbone). A dedicated thread
-starts replies (prefilling only the new part of a conversation and copying the voice's precomputed
-backbone prefix into the row), then advances all running replies together, one frame per step, and
-decodes the frames of all replies in one streaming Mimi call. Replies may run ahead of their
-consumer by `lookahead_s`; cancelled replies stop before the next step.
+One thread owns everything: the device, the rows of the static caches, every conversation's context and
+every reply. Everyone else talks to it through a command queue (`post`) and gets a `Pending` back; nobody
+else takes a lock the loop holds. Between two steps the thread applies the queued commands, runs at most
+one piece of prefill (a few audio windows or one chunk of tokens, batched over the replies that need it),
+starts the replies whose prompt is in, then launches one decode step over every speaking row and one
+thinker step over every text-only row. On a GPU the results of a step are read while the next one runs.
+
+Each conversation holds one row of the thinker and backbone caches. A reply prefills only what its
+conversation's row does not hold yet, and copies its voice's precomputed backbone prefix into the row.
+Replies may run ahead of their consumer by `lookahead_s`; cancelled replies stop before the next step.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import hashlib
+import heapq
 import logging
+import queue
 import threading
 import time
+import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
-from chroma_agent.engine.codec import StreamingMimiDecoder
-from chroma_agent.engine.conversation import FRAME_MS, Conversation, ConversationError, Reply, _Detokenizer
-from chroma_agent.engine.events import AudioChunk, ResponseError, TextDelta, Timings, Usage
+from chroma_agent.audio import load_audio
+from chroma_agent.engine.context import ReplyPrompt, ThinkerContext, Turn
+from chroma_agent.engine.conversation import (
+    ContextView,
+    Conversation,
+    ConversationError,
+    Pending,
+    Response,
+    TurnInfo,
+    TurnRef,
+)
+from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, TextDelta, Timings, Usage
 from chroma_agent.engine.generate import backbone_capacity
-from chroma_agent.engine.kv_cache import KVCache
+from chroma_agent.engine.prefill import PrefillJob, encode_audio, prefill_tokens, prefill_voice
+from chroma_agent.engine.runner import StepRunner
 from chroma_agent.engine.sampling import SamplingParams
-from chroma_agent.engine.step import ReplyState, prefill_voice, run_step, start_reply, thinker_prefill
+from chroma_agent.engine.step import DecodeBatch, Finish
 from chroma_agent.model.chroma import ChromaModel
+from chroma_agent.model.kv_cache import KVCache
 from chroma_agent.model.loading import resolve_checkpoint
 from chroma_agent.model.processor import ChromaProcessor
-from chroma_agent.voices import VoiceProfile, VoiceStore, create_voice_profile
+from chroma_agent.voices import VoiceProfile, VoiceStore, finish_voice_profile, prepare_voice_clip
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +67,15 @@ class EngineConfig:
     thinker_context: int = 4096  # thinker tokens a conversation keeps (older turns are dropped beyond)
     backbone_context: int = 2048  # backbone positions per reply: voice prefix + reply
     max_reply_s: float = 60.0
+    max_text_tokens: int = 1024  # text-only replies
     lookahead_s: float = 1.5  # how far generation may run ahead of the consumer
     max_user_audio_s: float = 300.0
-    voice_cache_size: int = 16  # voices whose backbone prefix stays precomputed
+    voice_cache_size: int = 16  # voices whose backbone prefix (and cloned clips) stay cached
+    prefill_chunk_tokens: int = 256  # thinker tokens per prefill piece (a running reply waits one piece)
+    prefill_audio_windows: int = 8  # 2 s audio-encoder windows per prefill piece
+    step_mode: str | None = None  # "eager", "compile" or "cuda_graph"; None: cuda_graph on CUDA, else eager
+    step_buckets: tuple[int, ...] | None = None  # batch buckets of the step; None: powers of two on CUDA
+    prep_workers: int = 2  # threads for audio decoding, features and tokenizing
 
     def __post_init__(self) -> None:
         if self.max_sessions < 1:
@@ -54,6 +84,85 @@ class EngineConfig:
             raise ValueError("thinker_context and backbone_context must be >= 64")
         if self.max_reply_s <= 0 or self.lookahead_s <= 0:
             raise ValueError("max_reply_s and lookahead_s must be > 0")
+        if self.prefill_chunk_tokens < 1 or self.prefill_audio_windows < 1 or self.prep_workers < 1:
+            raise ValueError("prefill_chunk_tokens, prefill_audio_windows and prep_workers must be >= 1")
+
+
+FRAME_MS = 80.0  # one Mimi frame (checked against the model's config when the engine starts)
+
+
+@dataclass(eq=False)
+class _Reply:
+    """One `respond()` as the engine thread sees it."""
+
+    session: _Session
+    response: Response
+    prompt: ReplyPrompt
+    job: PrefillJob
+    audio: bool
+    limit: int  # frames (audio) or tokens (text-only)
+    sampling: SamplingParams
+    started_at: float = field(default_factory=time.perf_counter)
+    running: bool = False  # its row takes part in steps
+    on_device: bool = False  # what the host last wrote to the row's active flag
+    inflight: int = 0  # launched steps whose results were not read yet
+    finished: bool = False
+    truncate_ms: float | None = None
+    frames: int = 0
+    text: list[tuple[int, int]] = field(default_factory=list)  # (token id, step that injected it)
+    fed: int = 0
+    frame_steps: list[int] = field(default_factory=list)
+    first_audio_at: float | None = None
+    prefill_ms: float = 0.0
+    prefill_started: float | None = None
+    spoken_text: str = ""
+    detok: _Detokenizer | None = None
+
+    @property
+    def row(self) -> int:
+        return self.session.row
+
+
+class _Session:
+    """A conversation's engine-side state (touched by the engine thread only)."""
+
+    def __init__(self, engine: Engine, sid: str, row: int, voice: VoiceProfile, sampling: SamplingParams):
+        self.engine = engine
+        self.id = sid
+        self.row = row
+        self.voice = voice
+        self.sampling = sampling
+        self.context = ThinkerContext(engine.processor.pieces, engine.config.thinker_context)
+        self.reply: _Reply | None = None
+        self.last_reply: _Reply | None = None
+        self.closed = False
+        self.next_seq = 0
+        self.held: dict[int, tuple[Callable, Any, BaseException | None, Pending]] = {}
+
+    def set_voice(self, voice: VoiceProfile) -> None:
+        self.voice = voice
+
+    def view(self) -> ContextView:
+        ctx = self.context
+        turns = [TurnInfo(t.id, t.role, t.text, len(t.ids), t.audio_seconds, t.instructions) for t in ctx.turns]
+        return ContextView(turns, ctx.ids, ctx.cached, self.reply is not None)
+
+    def remove_turns(self, ids: Sequence[int]) -> None:
+        for turn_id in ids:
+            turn = self.context.find(turn_id)
+            if turn is not None:
+                self.context.remove(turn)
+
+    def truncate(self, heard_ms: float) -> str | None:
+        reply = self.reply or self.last_reply
+        if reply is None:
+            raise ConversationError("nothing to truncate: the conversation has no reply yet")
+        if not reply.finished:
+            reply.truncate_ms = heard_ms
+            reply.response.cancel_requested = True
+            return None
+        self.engine.apply_truncation(reply, heard_ms)
+        return reply.spoken_text
 
 
 class Engine:
@@ -69,35 +178,40 @@ class Engine:
     ):
         self.model = model.eval()
         self.processor = processor
-        self.config = config or EngineConfig()
+        self.config = cfg = config or EngineConfig()
         self.voices = voices or VoiceStore()
         self.default_voice = default_voice
         self.sampling = sampling or SamplingParams(temperature=0.7, top_k=50)
-        cfg, device, dtype = self.config, model.device, model.dtype
-        self.thinker_cache = model.thinker.model.new_cache(cfg.max_sessions, cfg.thinker_context, dtype=dtype,
-                                                           device=device)
-        self.backbone_cache = model.backbone.model.new_cache(cfg.max_sessions, cfg.backbone_context, dtype=dtype,
-                                                             device=device)
-        self._decoder_caches: dict[int, KVCache] = {}
-        # One streaming Mimi decoder for all rows: each step decodes the frames of every reply in one call.
-        self.codec = StreamingMimiDecoder(model.codec_model, batch_size=cfg.max_sessions)
-        self._voice_kv: OrderedDict[str, tuple[KVCache, int]] = OrderedDict()
-        self.turn_end_ids = self._turn_end_ids()
+        frame_ms = 1000.0 * model.config.samples_per_frame / model.config.sample_rate
+        if abs(frame_ms - FRAME_MS) > 1e-6:
+            raise ValueError(f"this engine streams {FRAME_MS:g} ms frames; the codec makes {frame_ms:g} ms frames")
+        self.batch = DecodeBatch(model, cfg.max_sessions, cfg.thinker_context, cfg.backbone_context)
+        self.runner = StepRunner(self.batch, cfg.step_mode, list(cfg.step_buckets) if cfg.step_buckets else None)
+        with torch.inference_mode():
+            seconds = self.runner.warm_up()
+        if seconds:
+            log.info("engine steps ready (%s) in %.1f s", self.runner.mode, seconds)
+        self.pool = concurrent.futures.ThreadPoolExecutor(cfg.prep_workers, thread_name_prefix="chroma-prep")
+        self.stats = {"replies": 0, "errors": 0, "frames": 0, "steps": 0, "prefill_pieces": 0}
 
-        self.lock = threading.RLock()
-        self._wake = threading.Event()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._free_rows = list(range(cfg.max_sessions))
-        self._slot_freed = threading.Condition(self.lock)
-        self.conversations: dict[str, Conversation] = {}
-        self._pending: list[Reply] = []
-        self._running: list[Reply] = []
-        self._detok: dict[int, _Detokenizer] = {}
-        self.stats = {"replies": 0, "errors": 0, "frames": 0, "steps": 0}
+        self._waiters: list[tuple[float, int, Callable, Pending]] = []  # (deadline, order, make, future)
+        self._waiter_order = 0
+        self._sessions: dict[str, _Session] = {}
+        self._prefilling: list[_Reply] = []
+        self._ready: list[_Reply] = []
+        self._running: list[_Reply] = []
+        self._inflight: list[tuple[Any, str, list[_Reply]]] = []
+        self._text_next = True  # the next decode step is a text step (see chroma_agent.engine.step)
+        self._voice_kv: OrderedDict[str, tuple[KVCache, int]] = OrderedDict()
+        self._clones: OrderedDict[tuple[str, str], VoiceProfile] = OrderedDict()
+        self._overlap = model.device.type == "cuda"
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="chroma-engine", daemon=True)
         self._thread.start()
-        log.info("engine ready: %d sessions, thinker context %d, backbone context %d, device %s",
-                 cfg.max_sessions, cfg.thinker_context, cfg.backbone_context, device)
+        log.info("engine ready: %d sessions, thinker context %d, backbone context %d, device %s, steps %s",
+                 cfg.max_sessions, cfg.thinker_context, cfg.backbone_context, model.device, self.runner.mode)
 
     @classmethod
     def from_pretrained(
@@ -118,12 +232,14 @@ class Engine:
     # --- lifecycle --------------------------------------------------------------------------------------
 
     def close(self) -> None:
-        with self.lock:
-            for conv in list(self.conversations.values()):
-                self._release_locked(conv)
-            self._stop = True
-        self.wake()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            done = self.post(None, None, lambda *_: self._shutdown())
+            try:
+                done.result(timeout=10)
+            except (concurrent.futures.TimeoutError, RuntimeError):
+                log.warning("engine thread did not stop in time")
+            self._thread.join(timeout=10)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> Engine:
         return self
@@ -131,8 +247,9 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def wake(self) -> None:
-        self._wake.set()
+    def nudge(self) -> None:
+        """Wake the step loop (a consumer caught up, or a cancel): a no-op command."""
+        self._commands.put(None)
 
     @property
     def alive(self) -> bool:
@@ -145,22 +262,142 @@ class Engine:
 
     @property
     def live_sessions(self) -> int:
-        return len(self.conversations)
+        return len(self._sessions)
 
     @property
     def queued_replies(self) -> int:
-        return len(self._pending)
+        return len(self._prefilling) + len(self._ready)
+
+    # --- commands ---------------------------------------------------------------------------------------
+
+    def post(self, session_id: str | None, seq: int | None, apply: Callable, prepare: Callable | None = None
+             ) -> Pending:
+        """Queue `apply(session, prepared)` for the engine thread; `prepare()` runs first in the worker pool.
+
+        Commands of one session run in `seq` order. The result (or the exception) of `apply` resolves the
+        returned `Pending`.
+        """
+        future: Pending = Pending()
+        if not self.alive:
+            future.set_exception(RuntimeError("the engine is closed"))
+            return future
+        if prepare is None:
+            self._commands.put((session_id, seq, apply, None, None, future))
+            return future
+
+        def prepared(job: concurrent.futures.Future) -> None:
+            exc = job.exception()
+            self._commands.put((session_id, seq, apply, None if exc else job.result(), exc, future))
+
+        try:
+            self.pool.submit(prepare).add_done_callback(prepared)
+        except RuntimeError as exc:  # the pool is shut down
+            future.set_exception(RuntimeError(f"the engine is closed ({exc})"))
+        return future
+
+    def _drain(self, block: bool) -> None:
+        timeout = self._idle_timeout() if block else 0.0
+        try:
+            item = self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                self._dispatch(*item)
+            try:
+                item = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _idle_timeout(self) -> float:
+        if self._waiters:
+            return max(0.0, min(w[0] for w in self._waiters) - time.monotonic())
+        return 0.5
+
+    def _dispatch(self, sid: str | None, seq: int | None, apply: Callable, value: Any, exc: BaseException | None,
+                  future: Pending) -> None:
+        if sid is None:
+            self._run(apply, None, value, exc, future)
+            return
+        session = self._sessions.get(sid)
+        if session is None:
+            if not future.done():
+                future.set_exception(ConversationError(f"conversation {sid} is closed"))
+            return
+        session.held[seq] = (apply, value, exc, future)
+        while session.next_seq in session.held:
+            apply, value, exc, future = session.held.pop(session.next_seq)
+            session.next_seq += 1
+            if session.closed:
+                future.set_exception(ConversationError(f"conversation {sid} is closed"))
+                continue
+            self._run(apply, session, value, exc, future)
+
+    def _run(self, apply: Callable, session: _Session | None, value: Any, exc: BaseException | None,
+             future: Pending) -> None:
+        if exc is not None:
+            future.set_exception(exc)
+            return
+        try:
+            result = apply(session, value)
+        except Exception as error:  # a bad command fails its caller only
+            if not future.done():
+                future.set_exception(error)
+            return
+        if not future.done():
+            future.set_result(result)
+
+    def _shutdown(self) -> None:
+        for session in list(self._sessions.values()):
+            self.apply_close(session, None)
+        for _, _, _, future in self._waiters:
+            future.set_exception(RuntimeError("the engine is closed"))
+        self._waiters.clear()
+        self._stop = True
 
     # --- voices -----------------------------------------------------------------------------------------
 
     def create_voice(self, audio, transcript: str, name: str | None = None, *, sample_rate: int | None = None,
-                     save: bool = False, allow_paths: bool = True) -> VoiceProfile:
-        with self.lock:  # the codec runs on the engine's device
-            profile = create_voice_profile(self.model, self.processor, audio, transcript, name=name,
-                                           sample_rate=sample_rate, allow_paths=allow_paths)
-        if save:
-            self.voices.save(profile, overwrite=True)
-        return profile
+                     save: bool = False, allow_paths: bool = True) -> Pending[VoiceProfile]:
+        """Clone a voice: decoding in the pool, the Mimi encode as one engine job, repeats from a cache."""
+        def prepare():
+            clip = prepare_voice_clip(self.model.config, self.processor, audio, transcript, name=name,
+                                      sample_rate=sample_rate, allow_paths=allow_paths)
+            key = (hashlib.sha256(clip.waveform.numpy().tobytes()).hexdigest(), clip.transcript)
+            return clip, key
+
+        def apply(_, prepared):
+            clip, key = prepared
+            profile = self._clones.get(key)
+            if profile is None:
+                with torch.inference_mode():
+                    codes = self.model.encode_voice_codes(clip.waveform).to("cpu")
+                profile = finish_voice_profile(self.model.config, clip, codes)
+                self._clones[key] = profile
+                while len(self._clones) > self.config.voice_cache_size:
+                    self._clones.popitem(last=False)
+            else:
+                self._clones.move_to_end(key)
+                log.info("voice clip already cloned (id %s): reused", profile.id)
+            return replace(profile, name=name) if name is not None and name != profile.name else profile
+
+        cloned = self.post(None, None, apply, prepare)
+        if not save:
+            return cloned
+        saved: Pending[VoiceProfile] = Pending()
+
+        def store(job: concurrent.futures.Future) -> None:
+            if job.exception() is not None:
+                saved.set_exception(job.exception())
+                return
+            try:
+                self.voices.save(job.result(), overwrite=True)
+                saved.set_result(job.result())
+            except Exception as exc:
+                saved.set_exception(exc)
+
+        cloned.add_done_callback(lambda job: self.pool.submit(store, job))
+        return saved
 
     def resolve_voice(self, voice: VoiceProfile | str | None) -> VoiceProfile:
         if isinstance(voice, VoiceProfile):
@@ -180,6 +417,8 @@ class Engine:
         prefix = model.voice_prefix(voice.text_ids, voice.codes)
         cache = model.backbone.model.new_cache(1, prefix.shape[0], dtype=model.dtype, device=model.device)
         prefill_voice(model, prefix, cache, 0)
+        if not bool(torch.isfinite(cache.k).all() and torch.isfinite(cache.v).all()):  # once per voice
+            raise ValueError(f"voice {voice.name!r} gives non-finite values: clone it again from a clean clip")
         self._voice_kv[voice.id] = (cache, prefix.shape[0])
         while len(self._voice_kv) > self.config.voice_cache_size:
             self._voice_kv.popitem(last=False)
@@ -205,204 +444,428 @@ class Engine:
         *,
         sampling: SamplingParams | None = None,
         wait_s: float = 0.0,
-    ) -> Conversation:
-        """A new conversation in a free slot; waits up to `wait_s` for one, then raises EngineBusyError."""
-        profile = self.resolve_voice(voice)
-        profile.require_compatible(self.model.config)
-        deadline = time.monotonic() + wait_s
-        with self._slot_freed:
-            while not self._free_rows:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise EngineBusyError(f"all {self.config.max_sessions} conversation slots are in use")
-                self._slot_freed.wait(remaining)
-            row = self._free_rows.pop(0)
-            try:
-                conv = Conversation(self, row, profile, instructions, sampling or self.sampling)
-            except Exception:
-                self._free_rows.append(row)  # e.g. instructions the template cannot take: the slot goes back
-                self._free_rows.sort()
-                raise
-            self.conversations[conv.id] = conv
-        log.info("conversation %s opened (row %d, voice %s)", conv.id, row, profile.name)
-        return conv
+    ) -> Pending[Conversation]:
+        """A new conversation in a free slot. Waits up to `wait_s` for one, first come first served (the
+        wait holds no thread); then fails with `EngineBusyError`."""
+        def prepare():
+            profile = self.resolve_voice(voice)
+            profile.require_compatible(self.model.config)
+            note = self.prepare_turn("system", [instructions]) if instructions else None
+            return profile, note
 
-    def release(self, conv: Conversation) -> None:
-        with self.lock:
-            self._release_locked(conv)
-        self.wake()
+        def apply(_, prepared):
+            profile, note = prepared
+            future: Pending = Pending()
 
-    def _release_locked(self, conv: Conversation) -> None:
-        if conv.closed:
+            def make(row: int) -> Conversation:
+                sid = uuid.uuid4().hex[:12]
+                session = _Session(self, sid, row, profile, sampling or self.sampling)
+                if note is not None:
+                    session.context.set_instructions(note)
+                self._sessions[sid] = session
+                log.info("conversation %s opened (row %d, voice %s)", sid, row, profile.name,
+                         extra={"session": sid, "voice": profile.name})
+                return Conversation(self, sid, row, profile, instructions or None)
+
+            if self._free_rows:
+                return make(self._free_rows.pop(0))
+            if wait_s <= 0:
+                raise EngineBusyError(f"all {self.config.max_sessions} conversation slots are in use")
+            self._waiter_order += 1
+            heapq.heappush(self._waiters, (time.monotonic() + wait_s, self._waiter_order, make, future))
+            return future
+
+        outer: Pending[Conversation] = Pending()
+
+        def unwrap(job: concurrent.futures.Future) -> None:
+            if job.cancelled():
+                return
+            if job.exception() is not None:
+                _settle(outer, exc=job.exception())
+                return
+            result = job.result()
+            if isinstance(result, Pending):  # waiting for a slot: a caller who gives up cancels the wait
+                outer.add_done_callback(lambda f: result.cancel() if f.cancelled() else None)
+                result.add_done_callback(unwrap)
+            elif not _settle(outer, result=result):
+                result.close()  # the caller gave up just as the slot came: give it back
+
+        self.post(None, None, apply, prepare).add_done_callback(unwrap)
+        return outer
+
+    def _grant_waiters(self) -> None:
+        """Freed slots go to the waiters at once, in arrival order; expired waits fail."""
+        now = time.monotonic()
+        waiting = sorted(self._waiters, key=lambda w: w[1])
+        self._waiters = []
+        for deadline, order, make, future in waiting:
+            if future.cancelled() or future.done():
+                continue
+            if self._free_rows:
+                try:
+                    future.set_result(make(self._free_rows.pop(0)))
+                except Exception as exc:
+                    future.set_exception(exc)
+            elif deadline <= now:
+                future.set_exception(EngineBusyError(f"all {self.config.max_sessions} conversation slots are "
+                                                     "in use (waited for one)"))
+            else:
+                self._waiters.append((deadline, order, make, future))
+        heapq.heapify(self._waiters)
+
+    def apply_close(self, session: _Session, _: Any) -> None:
+        if session.closed:
             return
-        if conv.reply is not None:
-            self._finish(conv.reply, "cancelled")
-        conv.closed = True
-        self.conversations.pop(conv.id, None)
-        self._free_rows.append(conv.row)
+        if session.reply is not None:
+            self._finish(session.reply, "cancelled")
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        for _, _, _, future in session.held.values():
+            future.set_exception(ConversationError(f"conversation {session.id} is closed"))
+        session.held.clear()
+        self._free_rows.append(session.row)
         self._free_rows.sort()
-        self._slot_freed.notify_all()
-        log.info("conversation %s closed (row %d free)", conv.id, conv.row)
+        log.info("conversation %s closed (row %d free)", session.id, session.row, extra={"session": session.id})
 
-    def submit(self, reply: Reply) -> None:
-        self._pending.append(reply)
-        self.wake()
+    # --- turns (prepared in the pool, applied by the engine thread) -------------------------------------
+
+    def prepare_turn(self, role: str, parts: Sequence[str | tuple[np.ndarray | bytes, int]]) -> Turn:
+        """Decode, resample and render one turn (pool thread); the engine thread only appends it."""
+        rate = self.processor.audio_sample_rate
+        content: list[str | np.ndarray] = []
+        text = ""
+        for part in parts:
+            if isinstance(part, str):
+                content.append(part)
+                text += part
+            else:
+                pcm, sample_rate = part
+                content.append(load_audio(pcm, rate, sample_rate=sample_rate, allow_paths=False,
+                                          max_seconds=self.config.max_user_audio_s))
+        if role != "assistant" and len(content) == sum(isinstance(p, str) for p in content) and not text.strip():
+            raise ValueError(f"{role} message is empty")
+        inputs = self.processor.encode_turn(role, content)
+        return Turn(role, inputs.ids, text, inputs.features, inputs.audio_seconds)
+
+    def apply_turn(self, session: _Session, turn: Turn) -> TurnRef:
+        session.context.append(turn)
+        return TurnRef(turn.id, turn.role)
+
+    def apply_instructions(self, session: _Session, turn: Turn | None) -> None:
+        session.context.set_instructions(turn)
+
+    # --- replies ----------------------------------------------------------------------------------------
+
+    def apply_respond(self, session: _Session, response: Response, note: Turn | None, max_frames: int | None,
+                      sampling: SamplingParams | None, output_audio: bool, max_tokens: int | None) -> None:
+        if session.reply is not None:
+            raise ConversationError("a reply is already in progress; cancel it first")
+        if not session.context.turns and note is None:
+            raise ConversationError("the conversation is empty: add a user turn or instructions first")
+        if note is not None:
+            session.context.append(note)
+        if output_audio:
+            limit = self.clamp_frames(session.voice, max_frames)
+            reserve = (limit + 2) // 2 + 2
+        else:
+            # a client's output limit counts frames for speech and tokens for text
+            asked = max_tokens if max_tokens is not None else max_frames
+            limit = max(1, min(int(asked or self.config.max_text_tokens), self.config.max_text_tokens))
+            reserve = limit + 1
+        prompt = session.context.open_reply(reserve)
+        job = PrefillJob(session.row, prompt.ids, prompt.start, prompt.features, self.model.config.audio_token_id,
+                         self.model.audio_window_frames)
+        reply = _Reply(session, response, prompt, job, output_audio, limit, sampling or session.sampling)
+        session.reply = reply
+        self._prefilling.append(reply)
+
+    def _prefill_piece(self) -> None:
+        """One piece of prefill: audio windows of the oldest reply that has audio left, else a token chunk
+        of every reply whose audio is encoded (batched)."""
+        jobs = [r for r in self._prefilling if not r.finished]
+        if not jobs:
+            return
+        now = time.perf_counter()
+        for reply in jobs:
+            if reply.prefill_started is None:
+                reply.prefill_started = now
+        with_audio = [r for r in jobs if not r.job.audio_done]
+        try:
+            if with_audio:
+                budget = self.config.prefill_audio_windows
+                pieces, owners = [], []
+                for reply in with_audio:
+                    taken = reply.job.take_windows(budget - len(pieces))
+                    pieces += taken
+                    owners += [reply] * len(taken)
+                    if len(pieces) >= budget:
+                        break
+                for reply, vectors in zip(owners, encode_audio(self.model, pieces), strict=True):
+                    reply.job.audio.append(vectors)
+            else:
+                prefill_tokens(self.model, self.batch.thinker_cache, [r.job for r in jobs],
+                               self.config.prefill_chunk_tokens)
+            self.stats["prefill_pieces"] += 1
+        except Exception as exc:
+            log.exception("prefill failed")
+            for reply in with_audio or jobs:
+                self._fail(reply, exc)
+            return
+        for reply in jobs:
+            if reply.job.done:
+                self._prefilling.remove(reply)
+                reply.prefill_ms = (time.perf_counter() - reply.prefill_started) * 1000
+                reply.session.context.prefilled(reply.prompt)
+                self._ready.append(reply)
+
+    def _start_ready(self) -> None:
+        """Put prefilled replies on their rows. Speaking replies start only on a text step (phase)."""
+        for reply in list(self._ready):
+            if reply.audio and not self._text_next:
+                continue
+            self._ready.remove(reply)
+            session = reply.session
+            try:
+                if reply.audio:
+                    voice_cache, prefix_len = self._voice_rows(session.voice)
+                    self.batch.backbone_cache.copy_rows(voice_cache, 0, reply.row, prefix_len)
+                    self.batch.start_audio_row(reply.row, reply.job.hidden, reply.job.token, reply.prompt.context_len,
+                                               prefix_len, reply.limit, reply.sampling)
+                else:
+                    self.batch.start_text_row(reply.row, reply.job.token, reply.prompt.context_len, reply.limit)
+                    self.batch.set_text_active(reply.row, True)
+            except Exception as exc:
+                log.exception("conversation %s: reply could not start", session.id)
+                self._fail(reply, exc)
+                continue
+            reply.detok = _Detokenizer(lambda ids: self.processor.decode_text(ids, skip_special_tokens=True))
+            reply.running = True
+            self._running.append(reply)
+            self.stats["replies"] += 1
+
+    def _handle_cancels(self) -> None:
+        for reply in [r for r in (*self._prefilling, *self._ready) if r.response.cancel_requested]:
+            self._finish(reply, "cancelled")
+        for reply in [r for r in self._running if r.response.cancel_requested and not r.finished]:
+            self._stop_row(reply)
+            if reply.inflight == 0:
+                self._finish(reply, "cancelled")
+
+    def _stop_row(self, reply: _Reply) -> None:
+        if reply.running:
+            self.batch.stop_row(reply.row)
+            reply.on_device = False
 
     # --- the step loop ----------------------------------------------------------------------------------
 
+    def _has_work(self) -> bool:
+        return bool(self._prefilling or self._ready or self._inflight
+                    or any(not r.response.throttled for r in self._running))
+
     def _loop(self) -> None:
-        lookahead = max(1, round(self.config.lookahead_s * 1000 / FRAME_MS))
-        busy = False
-        while True:
-            if not busy:
-                self._wake.wait(timeout=0.05)
-            self._wake.clear()
-            with self.lock, torch.inference_mode():
-                if self._stop:
-                    return
-                for reply in self._pending:
-                    self._start(reply)
-                self._pending.clear()
-                for reply in [r for r in self._running if r.cancelled]:
-                    self._finish(reply, "cancelled")
-                runnable = [r for r in self._running if r.frames_produced - r.frames_consumed < lookahead]
-                if runnable:
-                    self._step(runnable)
-                busy = bool(runnable)
-            if busy:
-                time.sleep(0)  # let API callers take the lock between steps
-
-    def _start(self, reply: Reply) -> None:
-        conv = reply.conversation
-        if reply.cancelled or conv.closed:
-            self._finish(reply, "cancelled")
-            return
-        t0 = time.perf_counter()
-        try:
-            ids = torch.tensor([reply.prefill_ids], dtype=torch.long)
-            hidden, logits = thinker_prefill(self.model, ids, reply.prefill_features, reply.prefill_mask,
-                                             self.thinker_cache, conv.row, reply.context_start)
-            conv.cached = reply.context_len
-            voice_cache, prefix_len = self._voice_rows(conv.voice)
-            self.backbone_cache.copy_rows(voice_cache, 0, conv.row, prefix_len)
-            reply.state = start_reply(self.model, conv.row, hidden, logits, reply.context_len, prefix_len,
-                                      reply.sampler, reply.max_frames)
-        except Exception as exc:  # a bad turn ends this reply only
-            log.exception("conversation %s: prefill failed", conv.id)
-            self._fail(reply, exc)
-            return
-        reply.prefill_ms = (time.perf_counter() - t0) * 1000
-        self.codec.reset([conv.row])
-        self._detok[id(reply)] = _Detokenizer(lambda ids: self.processor.decode_text(ids, skip_special_tokens=True))
-        self._push_text(reply, reply.state.token, 0)
-        self._running.append(reply)
-        self.stats["replies"] += 1
-
-    def _decoder_cache(self, n: int) -> KVCache:
-        if n not in self._decoder_caches:
-            m = self.model
-            self._decoder_caches[n] = m.decoder.model.new_cache(n, m.config.num_codebooks, dtype=m.dtype,
-                                                                device=m.device)
-        return self._decoder_caches[n]
-
-    def _step(self, replies: list[Reply]) -> None:
-        states: list[ReplyState] = [r.state for r in replies]
-        try:
-            outputs = run_step(self.model, states, self.thinker_cache, self.backbone_cache,
-                               self._decoder_cache(len(states)))
-        except Exception:
-            log.exception("batched step failed; retrying each reply alone")
-            outputs = []
-            for reply in list(replies):
+        lookahead = max(2, round(self.config.lookahead_s * 1000 / FRAME_MS))
+        with torch.inference_mode():
+            while not self._stop:
                 try:
-                    outputs.append(run_step(self.model, [reply.state], self.thinker_cache, self.backbone_cache,
-                                            self._decoder_cache(1))[0])
-                except Exception as exc:
-                    self._fail(reply, exc)
-                    replies = [r for r in replies if r is not reply]
-        self.stats["steps"] += 1
-        top = self.model.config.codebook_size - 1
-        voiced = [(reply, out) for reply, out in zip(replies, outputs, strict=True) if out.frame is not None]
-        pcm = None
-        if voiced:
-            codes = torch.stack([out.frame for _, out in voiced]).clamp(0, top).to(self.model.device)[..., None]
-            pcm = self.codec.decode(codes, rows=[r.conversation.row for r, _ in voiced]).float().cpu().numpy()
-        audio = {id(reply): pcm[i] for i, (reply, _) in enumerate(voiced)}
-        for reply, out in zip(replies, outputs, strict=True):
-            if out.new_token is not None:
-                self._push_text(reply, out.new_token, reply.frames_produced)
-            if out.frame is not None:
-                index = reply.frames_produced
-                reply.frames_produced += 1
-                reply.frame_steps.append(out.step)
-                if reply.first_audio_at is None:
-                    reply.first_audio_at = time.perf_counter()
-                reply.emit(AudioChunk(audio[id(reply)], index, index * FRAME_MS, out.frame.numpy()))
-                self.stats["frames"] += 1
-            if reply.state.finished:
-                self._finish(reply, "completed" if reply.state.finished == "eos" else reply.state.finished)
+                    self._drain(block=not self._has_work())
+                    if self._stop:
+                        break
+                    self._handle_cancels()
+                    self._grant_waiters()
+                    self._prefill_piece()
+                    self._start_ready()
+                    launched = self._launch_steps(lookahead)
+                    # On a GPU, step k's result is read while step k + 1 runs.
+                    previous, self._inflight = self._inflight, launched if self._overlap else []
+                    self._read(previous)
+                    if not self._overlap:
+                        self._read(launched)
+                    self._handle_cancels()
+                except Exception:  # a bug in the loop must not kill every conversation silently
+                    log.exception("engine loop error; failing the replies in flight")
+                    for reply in list(self._running):
+                        self._fail(reply, RuntimeError("engine step failed"))
+                    self._inflight = []
+        log.info("engine thread stopped")
 
-    def _push_text(self, reply: Reply, token: int, frame_index: int) -> None:
-        detok = self._detok.get(id(reply))
-        if detok is None or token == self.model.config.im_end_id:
-            return
-        delta = detok.push(token)
-        if delta:
-            reply.emit(TextDelta(delta, token, frame_index))
+    def _launch_steps(self, lookahead: int) -> list[tuple[Any, str, list[_Reply]]]:
+        launched = []
+        speaking = [r for r in self._running if r.audio and not r.finished and not r.response.cancel_requested]
+        if self._text_next:  # pacing is decided per pair of steps, so every row keeps its text phase
+            for reply in speaking:
+                # both frames of the pair must fit in the lookahead window
+                want = reply.frames - reply.response.frames_consumed + 2 <= lookahead
+                reply.response.throttled = not want
+                if want != reply.on_device:
+                    self.batch.set_active(reply.row, want)
+                    reply.on_device = want
+        rows = [r for r in speaking if r.on_device]
+        if rows:
+            kind = "text" if self._text_next else "audio"
+            if not all(r.sampling.greedy for r in rows):
+                kind += "+sampled"
+            pending = self.runner.launch(self.runner.bucket_for(max(r.row for r in rows) + 1), kind)
+            self._text_next = not self._text_next
+            self.stats["steps"] += 1
+            for reply in rows:
+                reply.inflight += 1
+            launched.append((pending, kind, rows))
+        else:
+            self._text_next = True  # nobody is mid-pair: the next speaking reply starts on a text step
+        thinking = [r for r in self._running if not r.audio and not r.finished and not r.response.cancel_requested]
+        if thinking:
+            pending = self.runner.launch(self.runner.bucket_for(max(r.row for r in thinking) + 1), "thinker")
+            for reply in thinking:
+                reply.inflight += 1
+            launched.append((pending, "thinker", thinking))
+        return launched
 
-    def _retire(self, reply: Reply) -> Conversation:
-        """Take a reply out of the loop; returns its conversation."""
+    def _read(self, launched: list[tuple[Any, str, list[_Reply]]]) -> None:
+        k = self.model.config.num_codebooks
+        header = self.batch.header
+        for pending, kind, rows in launched:
+            result = pending.wait()
+            for reply in rows:
+                reply.inflight -= 1
+                if reply.finished:
+                    continue
+                row = result[reply.row]
+                if not row[k + 1]:
+                    continue
+                events: list = []
+                token, step, finish = int(row[k]), int(row[k + 4]), int(row[k + 3])
+                if token >= 0:
+                    reply.text.append((token, step))
+                    if kind == "thinker" or step > 0:
+                        reply.fed += 1
+                    events += self._text_events(reply, token)
+                if row[k + 2]:
+                    index = reply.frames
+                    reply.frames += 1
+                    reply.response.frames_produced = reply.frames
+                    reply.frame_steps.append(step)
+                    if reply.first_audio_at is None:
+                        reply.first_audio_at = time.perf_counter()
+                    pcm = row[header:].view(np.int16).astype(np.float32) / np.float32(32768.0)
+                    events.append(AudioChunk(pcm, index, index * FRAME_MS, row[:k].astype(np.int64)))
+                    self.stats["frames"] += 1
+                if not reply.response.cancel_requested:
+                    reply.response.deliver(events)
+                if finish == Finish.NONFINITE:
+                    self._fail(reply, FloatingPointError("the model produced non-finite values for this reply"),
+                               scrub=True)
+                elif finish:
+                    self._stop_row(reply)
+                    self._finish(reply, {Finish.EOS: "completed", Finish.MAX_FRAMES: "max_frames",
+                                         Finish.TEXT_END: "completed", Finish.TEXT_LIMIT: "max_tokens"}[finish])
+        for reply in [r for r in self._running if r.response.cancel_requested and r.inflight == 0]:
+            self._finish(reply, "cancelled")
+
+    def _text_events(self, reply: _Reply, token: int) -> list:
+        if reply.detok is None or token == self.model.config.im_end_id:
+            return []
+        delta = reply.detok.push(token)
+        return [TextDelta(delta, token, reply.frames)] if delta else []
+
+    # --- ending replies ---------------------------------------------------------------------------------
+
+    def _retire(self, reply: _Reply) -> _Session:
         reply.finished = True
-        if reply in self._running:
-            self._running.remove(reply)
-        if reply in self._pending:
-            self._pending.remove(reply)
-        self._detok.pop(id(reply), None)
-        conv = reply.conversation
-        if conv.reply is reply:
-            conv.reply = None
-        return conv
+        reply.response.finished = True
+        self._stop_row(reply)
+        for group in (self._prefilling, self._ready, self._running):
+            if reply in group:
+                group.remove(reply)
+        session = reply.session
+        if session.reply is reply:
+            session.reply = None
+        return session
 
-    def _finish(self, reply: Reply, reason: str) -> None:
+    def _finish(self, reply: _Reply, reason: str) -> None:
         if reply.finished:
             return
-        conv = self._retire(reply)
-        conv.last_reply = reply
-        done = conv.on_finished(reply, reason)
-        log.info("conversation %s: reply %s after %d frames (ttfa %s ms)", conv.id, reason, reply.frames_produced,
-                 None if done.timings.time_to_first_audio_ms is None else round(done.timings.time_to_first_audio_ms))
-        reply.emit(done)
+        session = self._retire(reply)
+        session.last_reply = reply
+        kept = [t for t, _ in reply.text if t != self.model.config.im_end_id]
+        text = self.processor.decode_text(kept, skip_special_tokens=True)
+        session.context.close_reply(reply.prompt, kept, reply.fed, text)
+        reply.prompt.turn.audio_seconds = reply.frames * FRAME_MS / 1000
+        reply.spoken_text = text
+        if reply.truncate_ms is not None:
+            self.apply_truncation(reply, reply.truncate_ms)
+        done = ResponseDone(reason=reason, text=reply.spoken_text, usage=self._usage(reply),
+                            timings=self._timings(reply), frame_steps=list(reply.frame_steps),
+                            turn=TurnRef(reply.prompt.turn.id, "assistant"))
+        log.info("conversation %s: reply %s after %d frames, %d tokens (ttfa %s ms)", session.id, reason,
+                 reply.frames, len(kept), None if done.timings.time_to_first_audio_ms is None
+                 else round(done.timings.time_to_first_audio_ms), extra={"session": session.id})
+        reply.response.deliver([done])
 
-    def _fail(self, reply: Reply, exc: Exception) -> None:
-        conv = self._retire(reply)
+    def _fail(self, reply: _Reply, exc: Exception, scrub: bool = False) -> None:
+        if reply.finished:
+            return
+        session = self._retire(reply)
         self.stats["errors"] += 1
-        conv.drop_turn(reply.turn)
+        session.context.drop_reply(reply.prompt)
+        if scrub:  # nothing non-finite may stay in the row (see chroma_agent.engine.step)
+            self.batch.scrub_row(session.row)
+            session.context.cached = 0
         kind = "invalid_request_error" if isinstance(exc, ValueError | ConversationError) else "internal_error"
-        reply.emit(ResponseError(f"{type(exc).__name__}: {exc}", kind))
+        log.warning("conversation %s: reply failed: %s", session.id, exc, extra={"session": session.id})
+        reply.response.deliver([ResponseError(f"{type(exc).__name__}: {exc}", kind)])
+
+    def apply_truncation(self, reply: _Reply, heard_ms: float) -> None:
+        """Keep in the context only the text injected up to the last frame the listener heard."""
+        if not reply.audio:
+            return  # a text reply is read, not heard
+        heard = min(int(np.ceil(heard_ms / FRAME_MS - 1e-9)), len(reply.frame_steps))
+        last_step = reply.frame_steps[heard - 1] if heard > 0 else -1
+        end = self.model.config.im_end_id
+        said = [t for t, _ in reply.text if t != end]
+        spoken = [t for t, step in reply.text if step <= last_step and t != end]
+        if spoken == said:
+            return  # everything that was said was heard
+        reply.spoken_text = self.processor.decode_text(spoken, skip_special_tokens=True)
+        reply.session.context.truncate_reply(reply.prompt.turn, spoken, reply.spoken_text)
 
     # --- reporting --------------------------------------------------------------------------------------
 
-    def usage(self, reply: Reply) -> Usage:
-        return Usage(
-            prompt_tokens=len(reply.prefill_ids),
-            cached_tokens=reply.context_start,
-            text_tokens=len(reply.text_ids),
-            audio_frames=reply.frames_produced,
-        )
+    def _usage(self, reply: _Reply) -> Usage:
+        return Usage(prompt_tokens=len(reply.prompt.ids), cached_tokens=reply.prompt.start,
+                     text_tokens=len([t for t, _ in reply.text if t != self.model.config.im_end_id]),
+                     audio_frames=reply.frames, audio_prompt_tokens=reply.prompt.audio_tokens)
 
-    def timings(self, reply: Reply) -> Timings:
+    def _timings(self, reply: _Reply) -> Timings:
         now = time.perf_counter()
         ttfa = None if reply.first_audio_at is None else (reply.first_audio_at - reply.started_at) * 1000
-        return Timings(
-            time_to_first_audio_ms=ttfa,
-            prefill_ms=reply.prefill_ms,
-            total_ms=(now - reply.started_at) * 1000,
-            audio_ms=reply.frames_produced * FRAME_MS,
-        )
+        return Timings(time_to_first_audio_ms=ttfa, prefill_ms=reply.prefill_ms,
+                       total_ms=(now - reply.started_at) * 1000, audio_ms=reply.frames * FRAME_MS)
 
-    def _turn_end_ids(self) -> list[int]:
-        """The ids the chat template puts after an assistant message (e.g. "<|im_end|>" + newline)."""
-        marker = "\u2063"
-        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}]
-        tail = self.processor.render(probe, add_generation_prompt=False).split(marker, 1)[1]
-        return self.processor.tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+def _settle(future: concurrent.futures.Future, *, result: Any = None, exc: BaseException | None = None) -> bool:
+    """Resolve `future` unless its caller cancelled it; False if it was cancelled."""
+    try:
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        return False
+    return True
+
+
+class _Detokenizer:
+    """Streams text for growing token ids without splitting multi-byte characters."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.text):
+            return ""
+        delta, self.text = text[len(self.text):], text
+        return delta

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from chroma_agent.audio import to_pcm16
+
+if TYPE_CHECKING:
+    from chroma_agent.engine.conversation import TurnRef
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Usage:
     cached_tokens: int  # thinker tokens reused from earlier turns (not recomputed)
     text_tokens: int
     audio_frames: int
+    audio_prompt_tokens: int = 0  # audio placeholders (encoded audio) in the whole context read
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,12 @@ class Timings:
 
 @dataclass(frozen=True)
 class ResponseDone:
-    reason: str  # "completed" (end of audio), "max_frames", "cancelled"
+    reason: str  # "completed" (end of audio / of text), "max_frames", "max_tokens" (text only), "cancelled"
     text: str
     usage: Usage
     timings: Timings
     frame_steps: list[int] = field(default_factory=list, repr=False)
+    turn: TurnRef | None = None  # the assistant turn this reply became (to remove it later)
 
 
 @dataclass(frozen=True)

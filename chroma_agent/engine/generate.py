@@ -1,8 +1,9 @@
-"""Frame-by-frame generation of one reply (batch 1), exactly as the reference decides each token.
+"""Frame-by-frame generation of one reply (a batch of one), on the same step the engine runs.
 
 Per step: the backbone reads its new inputs and picks codebook 0, the depth decoder completes the frame,
 and the frame is yielded at once. The thinker's text is interleaved 1:2: on every other step the thinker
 emits one token and two vectors (its last hidden state, the token's embedding) join the backbone's input.
+The CLI and the benchmarks use this; the servers use the engine; both drive `DecodeBatch` + `StepRunner`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Protocol
 
 import torch
 
-from chroma_agent.engine.sampling import Sampler, SamplingParams
-from chroma_agent.engine.step import prefill_voice, run_step, start_reply, thinker_prefill
+from chroma_agent.engine.prefill import PrefillJob, encode_audio, prefill_tokens, prefill_voice
+from chroma_agent.engine.runner import StepRunner
+from chroma_agent.engine.sampling import SamplingParams
+from chroma_agent.engine.step import DecodeBatch, Finish
 from chroma_agent.model.chroma import ChromaModel
 
 
@@ -35,6 +38,7 @@ class AudioFrame:
     codes: torch.Tensor  # [K] int64 on CPU, values 0..vocab-1 (clamp to the codebook size for Mimi)
     index: int  # position among the kept frames
     step: int
+    pcm16: bytes = b""  # the frame's audio, decoded on the device in the same step
 
 
 @dataclass
@@ -56,10 +60,18 @@ Event = TextToken | AudioFrame | ReplyDone
 def backbone_capacity(prefix_len: int, max_frames: int) -> int:
     """Backbone slots for a reply: the prefix, the first text pair, one per step, two per text step.
 
-    Two spare slots take the padding of batched steps (rows with 1 input padded to 3).
+    Two spare slots take the padding of width-3 steps (rows with 1 input padded to 3).
     """
     steps = max_frames + 1  # an all-zero frame is dropped but always ends the reply, so at most one extra
     return prefix_len + 2 + steps + 2 * ((steps + 1) // 2) + 2
+
+
+def feature_clips(prompt: PromptInputs) -> list[torch.Tensor]:
+    """A prompt's Whisper features as one [mels, valid frames] tensor per clip."""
+    if prompt.input_features is None:
+        return []
+    lengths = prompt.feature_attention_mask.sum(-1).tolist()
+    return [f[:, : int(n)] for f, n in zip(prompt.input_features, lengths, strict=True)]
 
 
 @torch.inference_mode()
@@ -70,38 +82,49 @@ def generate_reply(
     *,
     max_frames: int,
     sampling: SamplingParams | None = None,
+    step_mode: str | None = None,
+    chunk_tokens: int = 512,
 ) -> Iterator[Event]:
     """Yield `TextToken`s and `AudioFrame`s as they are made, then one `ReplyDone`."""
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
     cfg = model.config
-    device, dtype = model.device, model.dtype
-    sampler = Sampler(sampling or SamplingParams(), device=device)
-
-    n_prompt = prompt.input_ids.shape[1]
+    ids = prompt.input_ids.reshape(-1).tolist()
     max_text = (max_frames + 2) // 2 + 1
-    thinker_cache = model.thinker.model.new_cache(1, n_prompt + max_text, dtype=dtype, device=device)
     prefix_len = voice_prefix.shape[0]
-    backbone_cache = model.backbone.model.new_cache(
-        1, backbone_capacity(prefix_len, max_frames), dtype=dtype, device=device
-    )
-    decoder_cache = model.decoder.model.new_cache(1, cfg.num_codebooks, dtype=dtype, device=device)
+    batch = DecodeBatch(model, 1, len(ids) + max_text, backbone_capacity(prefix_len, max_frames))
+    runner = StepRunner(batch, step_mode)
+    suffix = "" if (sampling or SamplingParams()).greedy else "+sampled"
+    runner.warm_up(progress=False, kinds=("text" + suffix, "audio" + suffix))
 
-    hidden, logits = thinker_prefill(
-        model, prompt.input_ids, prompt.input_features, prompt.feature_attention_mask, thinker_cache, 0, 0
-    )
-    prefill_voice(model, voice_prefix, backbone_cache, 0)
-    state = start_reply(model, 0, hidden, logits, n_prompt, prefix_len, sampler, max_frames)
+    job = PrefillJob(0, ids, 0, feature_clips(prompt), cfg.audio_token_id, model.audio_window_frames)
+    while not job.audio_done:
+        job.audio.extend(encode_audio(model, job.take_windows(8)))
+    while not job.done:
+        prefill_tokens(model, batch.thinker_cache, [job], chunk_tokens)
+    prefill_voice(model, voice_prefix, batch.backbone_cache, 0)
+    batch.start_audio_row(0, job.hidden, job.token, len(ids), prefix_len, max_frames, sampling or SamplingParams())
+    batch.set_active(0, True)
+
+    k = cfg.num_codebooks
     done = ReplyDone(reason="max_frames")
-    done.text_ids.append(state.token)
-    yield TextToken(state.token, 0)
-    while state.finished is None:
-        (out,) = run_step(model, [state], thinker_cache, backbone_cache, decoder_cache)
-        if out.new_token is not None:
-            done.text_ids.append(out.new_token)
-            yield TextToken(out.new_token, out.step)
-        if out.frame is not None:
-            done.frames.append(out.frame)
-            yield AudioFrame(out.frame, len(done.frames) - 1, out.step)
-    done.reason = state.finished
+    text = True
+    while True:
+        row = runner.launch(1, ("text" if text else "audio") + suffix).wait()[0]
+        text = not text
+        step = int(row[k + 4])
+        token = int(row[k])
+        if token >= 0:
+            done.text_ids.append(token)
+            yield TextToken(token, step)
+        if row[k + 2]:
+            codes = torch.from_numpy(row[:k].astype("int64"))
+            done.frames.append(codes)
+            yield AudioFrame(codes, len(done.frames) - 1, step, row[batch.header :].tobytes())
+        finish = int(row[k + 3])
+        if finish:
+            if finish == Finish.NONFINITE:
+                raise FloatingPointError("the model produced a non-finite value")
+            done.reason = "eos" if finish == Finish.EOS else "max_frames"
+            break
     yield done

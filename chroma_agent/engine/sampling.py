@@ -1,15 +1,31 @@
-"""The one sampler: greedy, or temperature + top-k + top-p over a batch of logits."""
+"""The one sampler: greedy, or temperature + top-k + top-p, for a whole batch of rows at once.
+
+Every row carries its own parameters as tensors, so rows of one batch may differ and one call serves
+them all with a fixed number of device ops (no per-row Python, no host sync). Greedy rows are exactly
+argmax. Sampled rows use the exponential race (Gumbel-max): the token is argmax(logits / T + G) over the
+kept tokens, which draws exactly from their softmax. The noise G is a pure function of (seed, step,
+codebook, token id) computed by an integer hash on the device, so a seeded row is reproducible across
+runs and independent of which other rows share its batch, without a `torch.Generator` per row.
+"""
 
 from __future__ import annotations
 
+import math
+import secrets
 from dataclasses import dataclass
 
 import torch
 
+MAX_TEMPERATURE = 2.0  # the OpenAI range; beyond it the distribution is noise for any model
+_MASK32 = 0xFFFFFFFF
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """`temperature` below 1e-3 means greedy (argmax). `top_k=0` and `top_p=1` switch those filters off."""
+    """`temperature` below 1e-3 means greedy (argmax). `top_k=0` and `top_p=1` switch those filters off.
+
+    `seed=None` draws a fresh seed per reply; any other value makes the reply's audio reproducible.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
@@ -17,43 +33,86 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0 and self.temperature <= 10):
-            raise ValueError(f"temperature must be in [0, 10], got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
+                and 0 <= self.temperature <= MAX_TEMPERATURE):
+            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (isinstance(self.top_p, int | float) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         # Dividing logits by a vanishing temperature overflows to inf/NaN; at that point sampling is argmax.
         return self.temperature < 1e-3
 
+    def row_seed(self) -> int:
+        """The 62-bit seed a reply's row samples with."""
+        return (self.seed if self.seed is not None else secrets.randbits(62)) & ((1 << 62) - 1)
 
-class Sampler:
-    """Draws one id per row. Seeded samplers own a generator, so a seeded reply is reproducible."""
 
-    def __init__(self, params: SamplingParams, device: torch.device | str = "cpu"):
-        self.params = params
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed)
+class SamplingRows:
+    """Per-row sampling parameters as device tensors (one entry per engine row)."""
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        if p.greedy:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / p.temperature
-        if p.top_k and p.top_k < logits.shape[-1]:
-            kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= p.top_p
-            drop = drop_sorted.scatter(-1, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+    def __init__(self, rows: int, device: torch.device | str):
+        self.temperature = torch.ones(rows, dtype=torch.float32, device=device)
+        self.top_k = torch.zeros(rows, dtype=torch.long, device=device)
+        self.top_p = torch.ones(rows, dtype=torch.float32, device=device)
+        self.seed = torch.zeros(rows, dtype=torch.long, device=device)
+        self.greedy = torch.ones(rows, dtype=torch.bool, device=device)
+
+    def set_row(self, row: int, params: SamplingParams) -> None:
+        # Python scalars go in as fill values: no host buffer, no sync.
+        self.temperature[row] = 1.0 if params.greedy else float(params.temperature)
+        self.top_k[row] = int(params.top_k)
+        self.top_p[row] = float(params.top_p)
+        self.seed[row] = params.row_seed()
+        self.greedy[row] = params.greedy
+
+    def head(self, rows: int) -> SamplingRows:
+        view = SamplingRows.__new__(SamplingRows)
+        for name in ("temperature", "top_k", "top_p", "seed", "greedy"):
+            setattr(view, name, getattr(self, name)[:rows])
+        return view
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors; multipliers < 2^31 keep it overflow-free."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x68E31DA5) & _MASK32
+    return x ^ (x >> 16)
+
+
+def race_noise(seed: torch.Tensor, step: torch.Tensor, codebooks: int, vocab: int) -> torch.Tensor:
+    """Gumbel noise [B, codebooks, vocab] (float32) for one step of every row, in one pass: a pure function
+    of (seed, step, codebook, token id) per row."""
+    key = _mix32(_mix32(seed ^ (seed >> 32)) ^ _mix32(step))  # [B]
+    ids = torch.arange(codebooks * vocab, device=seed.device).view(1, codebooks, vocab)
+    bits = _mix32(key[:, None, None] + ids * 0x2545F491)
+    # 24 bits -> u strictly inside (0, 1), exactly representable in float32.
+    u = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+    return -torch.log(-torch.log(u))
+
+
+def sample(logits: torch.Tensor, rows: SamplingRows, noise: torch.Tensor) -> torch.Tensor:
+    """One token per row from logits [B, vocab] (float32); `noise` [B, vocab] is this draw's `race_noise`."""
+    vocab = logits.shape[-1]
+    greedy_ids = logits.argmax(dim=-1)
+    scaled = logits / rows.temperature[:, None]
+    ordered, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=logits.device)[None]
+    k = torch.where(rows.top_k > 0, rows.top_k, vocab)
+    keep = rank < k[:, None]
+    # top-p over the top-k survivors: keep the smallest prefix whose mass reaches p; the top token always
+    # stays, so a p too small for float32 (it rounds to 0) still leaves one token to pick.
+    probs = torch.where(keep, ordered, float("-inf")).softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    keep = keep & ((before < rows.top_p[:, None]) | (rank == 0))
+    pick = torch.where(keep, ordered + noise.gather(-1, order), float("-inf")).argmax(dim=-1, keepdim=True)
+    sampled = order.gather(-1, pick).squeeze(-1)
+    return torch.where(rows.greedy, greedy_ids, sampled)

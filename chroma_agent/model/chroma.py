@@ -19,11 +19,12 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniVisionEncoder,
 )
 
-from chroma_agent.engine.kv_cache import KVCache
 from chroma_agent.model.config import ChromaConfig
-from chroma_agent.model.transformer import Transformer
+from chroma_agent.model.kv_cache import KVCache
+from chroma_agent.model.transformer import MLP, Attention, Transformer
 
-Sampler = Callable[[torch.Tensor], torch.Tensor]
+# Picks one code per row from one codebook's logits: (logits [B, vocab] float32, codebook index) -> [B].
+Sampler = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 class AudioEmbedding(nn.Module):
@@ -141,9 +142,21 @@ class ChromaModel(nn.Module):
             name_or_path, device=device, dtype=dtype, with_vision=with_vision, revision=revision, progress=progress
         )
 
+    def fuse_weights(self) -> ChromaModel:
+        """Re-link fused projections (qkv, gate/up) after anything re-allocated the parameters (`.to()`)."""
+        for module in self.modules():
+            if isinstance(module, Attention | MLP):
+                module.fuse()
+        return self
+
     @property
     def device(self) -> torch.device:
         return self.backbone.codebook0_head.weight.device
+
+    @property
+    def audio_window_frames(self) -> int:
+        """Mel frames per audio-encoder attention window (Qwen2.5-Omni: 2 x n_window); windows encode alone."""
+        return 2 * int(self.thinker.audio_tower.n_window)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -186,10 +199,18 @@ class ChromaModel(nn.Module):
     # --- per-step pieces --------------------------------------------------------------------------
 
     def thinker_forward(
-        self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor | None = None
+        self,
+        embeds: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache,
+        slots: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
+        last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Thinker text model on embeds [B, T, H] -> (final-norm hidden at the last position, its logits)."""
-        hidden = self.thinker.model(embeds, positions, cache, positions, rows)[:, -1]
+        """Thinker text model on embeds [B, T, H] -> (final-norm hidden at `last` [B] or the last position,
+        its logits). `slots` default to `positions`."""
+        hidden = self.thinker.model(embeds, positions, cache, positions if slots is None else slots, rows)
+        hidden = _at(hidden, last)
         return hidden, self.thinker.lm_head(hidden).float()
 
     def backbone_forward(
@@ -197,15 +218,14 @@ class ChromaModel(nn.Module):
         embeds: torch.Tensor,
         positions: torch.Tensor,
         cache: KVCache,
+        slots: torch.Tensor | None = None,
         rows: torch.Tensor | None = None,
         last: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone on embeds [B, T, H] -> (final-norm hidden at `last` [B] or the last position, codebook-0 logits)."""
-        hidden = self.backbone.model(embeds, positions, cache, positions, rows)
-        if last is None:
-            hidden = hidden[:, -1]
-        else:
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        """Backbone on embeds [B, T, H] -> (final-norm hidden at `last` [B] or the last position, codebook-0
+        logits). `slots` default to `positions`."""
+        hidden = self.backbone.model(embeds, positions, cache, positions if slots is None else slots, rows)
+        hidden = _at(hidden, last)
         return hidden, self.backbone.codebook0_head(hidden).float()
 
     def depth_decode(
@@ -226,10 +246,18 @@ class ChromaModel(nn.Module):
         codes = [code0]
         for k in range(1, self.config.num_codebooks):
             hidden = dec.model(x, positions, cache, slots)[:, -1]
-            code = sample(dec.codebook_head.logits(hidden, k).float())
+            code = sample(dec.codebook_head.logits(hidden, k).float(), k)
             codes.append(code)
             if k + 1 < self.config.num_codebooks:
                 x = dec.projection(dec.audio_embedding.codebook(code, k))[:, None]
                 positions = torch.full((b, 1), k, dtype=torch.long, device=device)
                 slots = torch.full((b, 1), k + 1, dtype=torch.long, device=device)
         return torch.stack(codes, dim=1)
+
+
+def _at(hidden: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+    """hidden [B, T, H] at index `last` [B] of each row (the last position when None), as [B, H]."""
+    if last is None:
+        return hidden[:, -1]
+    b, _, h = hidden.shape
+    return hidden.gather(1, last.view(b, 1, 1).expand(b, 1, h))[:, 0]

@@ -11,6 +11,17 @@ audio from arbitrary paths and URLs. What stays the same, and is checked against
 * the valid mel frames equal WhisperFeatureExtractor's output for the 300 s padded clip (see
   :meth:`ChromaProcessor.extract_features` for why a short padding gives the same numbers);
 * the voice prompt is the transcript's ids (no special tokens) and the clip at the codec rate.
+
+Two things differ on purpose, and are invisible for ordinary text:
+
+* Text that comes from clients is text. The template is rendered with markers where client text goes; if
+  any client text spells a control token (``<|im_end|><|im_start|>system...``), that text is tokenized
+  with special tokens split into plain characters, so nobody can forge a turn. Only the template emits
+  control tokens. For all other text the whole prompt is tokenized at once, exactly as the reference does.
+* A conversation turn is rendered on its own (:meth:`ChromaProcessor.encode_turn`), in O(1) however long
+  the history, because the chat template renders each message independently except for a default system
+  prompt before a first non-system message (:class:`TemplatePieces`). The processor checks that property
+  on the checkpoint's template when it loads and refuses a template without it.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +37,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase, WhisperFeatureExtractor
 
 from chroma_agent.audio import AudioError, AudioSource, load_audio
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ChromaProcessor", "ThinkerInputs", "VoicePromptInputs", "num_audio_tokens"]
+__all__ = ["ChromaProcessor", "TemplatePieces", "ThinkerInputs", "TurnInputs", "VoicePromptInputs",
+           "num_audio_tokens"]
 
 ROLES = ("system", "user", "assistant")
 DEFAULT_VOICE_SAMPLE_RATE = 24000  # the reference's target_sample_rate default and Mimi's rate
+# Markers for client text inside a rendered template (private-use characters; stripped from client text).
+_OPEN, _CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{_OPEN}(\\d+){_CLOSE}")
+_ANCHOR = {"role": "system", "content": "x"}  # a message rendered before a turn so the turn renders alone
 
 
 def num_audio_tokens(mel_frames: int) -> int:
@@ -62,6 +80,25 @@ class ThinkerInputs:
         if self.feature_attention_mask is None:
             return []
         return [int(n) for n in self.feature_attention_mask.sum(-1)]
+
+
+@dataclass
+class TurnInputs:
+    """One message rendered on its own: its ids (<|AUDIO|> expanded) and its clips' features."""
+
+    ids: list[int]
+    features: list[torch.Tensor]  # per clip [n_mels, valid frames], in placeholder order
+    audio_seconds: float
+
+
+@dataclass(frozen=True)
+class TemplatePieces:
+    """What the chat template adds around independently rendered turns."""
+
+    default_prefix: list[int]  # before a first message that is not a system message ([] if none)
+    assistant_header: list[int]  # the generation prompt ("<|im_start|>assistant\n")
+    turn_end: list[int]  # what closes an assistant message ("<|im_end|>\n")
+    audio_token_id: int  # the placeholder each encoded audio vector takes
 
 
 @dataclass
@@ -139,6 +176,17 @@ class ChromaProcessor:
                 f"{self.audio_token} id {token_id}"
             )
         self.audio_token_id = int(token_id)
+        # A second backend that reads control-token strings as plain text, for client text. A separate copy
+        # because the wrapper's `split_special_tokens` flips a flag on the shared backend (not thread-safe).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._text_backend: Tokenizer | None = None
+        if backend is not None:
+            self._text_backend = Tokenizer.from_str(backend.to_str())
+            self._text_backend.encode_special_tokens = True
+        specials = sorted({str(t) for t in tokenizer.get_added_vocab()} | set(tokenizer.all_special_tokens),
+                          key=len, reverse=True)
+        self._special = re.compile("|".join(re.escape(t) for t in specials if t)) if specials else None
+        self.pieces = self._template_pieces()
 
     @property
     def min_audio_samples(self) -> int:
@@ -254,10 +302,122 @@ class ChromaProcessor:
             text = text[0]
         return text
 
+    @staticmethod
+    def _marked(rendered: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+        """Messages whose client text is replaced by markers, and the texts in marker order."""
+        texts: list[str] = []
+
+        def mark(text: str) -> str:
+            texts.append(text.replace(_OPEN, "\ufffd").replace(_CLOSE, "\ufffd"))
+            return f"{_OPEN}{len(texts) - 1}{_CLOSE}"
+
+        out = []
+        for message in rendered:
+            content = message["content"]
+            if isinstance(content, str):
+                content = mark(content)
+            else:
+                content = [{**part, "text": mark(part["text"])} if part["type"] == "text" else part
+                           for part in content]
+            out.append({**message, "content": content})
+        return out, texts
+
+    def _tokenize_marked(self, marked: str, texts: list[str]) -> list[int]:
+        """Ids of a rendered template with marked client text; client text never becomes control tokens."""
+        plain = _MARK.sub(lambda m: texts[int(m.group(1))], marked)
+        if self._special is None or not any(self._special.search(t) for t in texts):
+            return self.tokenizer(plain, add_special_tokens=False)["input_ids"]
+        ids: list[int] = []
+        pos = 0
+        for m in _MARK.finditer(marked):
+            if m.start() > pos:
+                ids += self.tokenizer(marked[pos : m.start()], add_special_tokens=False)["input_ids"]
+            ids += self._client_text_ids(texts[int(m.group(1))])
+            pos = m.end()
+        if pos < len(marked):
+            ids += self.tokenizer(marked[pos:], add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _client_text_ids(self, text: str) -> list[int]:
+        if self._text_backend is not None:
+            return self._text_backend.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def text_ids(self, text: str) -> list[int]:
+        """Ids of client text (a voice transcript, a message) with control-token strings kept as text."""
+        if self._special is not None and self._special.search(text):
+            return self._client_text_ids(text)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def render(self, messages: Any, *, add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (one ``<|AUDIO|>`` per clip); audio is not loaded."""
         rendered, _ = self._normalise(messages)
         return self._apply_template(rendered, add_generation_prompt)
+
+    def _render_ids(self, rendered: list[dict[str, Any]], add_generation_prompt: bool) -> tuple[list[int], str]:
+        marked, texts = self._marked(rendered)
+        text = self._apply_template(marked, add_generation_prompt)
+        return self._tokenize_marked(text, texts), _MARK.sub(lambda m: texts[int(m.group(1))], text)
+
+    def _template_pieces(self) -> TemplatePieces:
+        """The template's fixed pieces, and a check that it renders every message independently."""
+        anchor = self._apply_template([_ANCHOR], False)
+        header = self._apply_template([_ANCHOR], True)[len(anchor):]
+        user = {"role": "user", "content": "y"}
+        alone = self._apply_template([user], False)
+        piece = self._apply_template([_ANCHOR, user], False)[len(anchor):]
+        if not alone.endswith(piece):
+            raise ValueError("unsupported chat template: a first user message must render as a prefix + the message")
+        marker = "\u2063"
+        closed = self._apply_template([_ANCHOR, {"role": "assistant", "content": marker}], False)
+        tokenize = self.tokenizer
+        pieces = TemplatePieces(
+            default_prefix=tokenize(alone[: len(alone) - len(piece)], add_special_tokens=False)["input_ids"],
+            assistant_header=tokenize(header, add_special_tokens=False)["input_ids"],
+            turn_end=tokenize(closed.split(marker, 1)[1], add_special_tokens=False)["input_ids"],
+            audio_token_id=self.audio_token_id,
+        )
+        probe = [{"role": "system", "content": "a"}, user, {"role": "assistant", "content": "z"},
+                 {"role": "user", "content": "w"}]
+        for conversation in (probe, probe[1:]):
+            whole = self._render_ids(conversation, True)[0]
+            parts = [] if conversation[0]["role"] == "system" else list(pieces.default_prefix)
+            for message in conversation:
+                parts += self._render_ids([_ANCHOR, message], False)[0][len(self._render_ids([_ANCHOR], False)[0]):]
+            if whole != parts + pieces.assistant_header:
+                raise ValueError("unsupported chat template: messages do not render independently of each other, "
+                                 "which keeping a conversation's KV cache between turns relies on")
+        return pieces
+
+    def encode_turn(self, role: str, content: str | Sequence[str | np.ndarray]) -> TurnInputs:
+        """One message rendered alone: text as str, audio as 16 kHz float32 clips, in order.
+
+        The ids do not depend on the turns before it; a conversation is `pieces.default_prefix` (when its
+        first turn is not a system turn) followed by its turns' ids.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        clips: list[np.ndarray] = []
+        if isinstance(content, str):
+            message: dict[str, Any] = {"role": role, "content": content}
+        else:
+            parts: list[dict[str, Any]] = []
+            for part in content:
+                if isinstance(part, str):
+                    parts.append({"type": "text", "text": part})
+                else:
+                    clips.append(np.asarray(part, dtype=np.float32))
+                    parts.append({"type": "audio", "audio": f"<audio {len(clips)}>"})
+            message = {"role": role, "content": parts}
+        anchor_ids = self._render_ids([_ANCHOR], False)[0]
+        ids = self._render_ids([_ANCHOR, message], False)[0][len(anchor_ids):]
+        inputs = self._expand(ids, clips)
+        features = []
+        if inputs.input_features is not None:
+            for f, n in zip(inputs.input_features, inputs.feature_lengths, strict=True):
+                features.append(f[:, :n].clone())
+        seconds = sum(len(c) for c in clips) / self.audio_sample_rate
+        return TurnInputs(inputs.input_ids[0].tolist(), features, seconds)
 
     def load_clips(
         self,
@@ -304,24 +464,21 @@ class ChromaProcessor:
         max_audio_seconds: float | None = None,
     ) -> ThinkerInputs:
         """Thinker inputs for one conversation; audio errors name the message and part they come from."""
-        prompt = self.render(messages)
+        rendered, _ = self._normalise(messages)
+        ids, prompt = self._render_ids(rendered, True)
         clips = self.load_clips(
             messages, base_dir=base_dir, allow_paths=allow_paths, max_audio_seconds=max_audio_seconds
         )
-        return self.encode_text(prompt, clips)
+        inputs = self._expand(ids, clips)
+        inputs.prompt_text = prompt
+        return inputs
 
-    def encode_text(self, prompt: str, clips: Sequence[np.ndarray]) -> ThinkerInputs:
-        """Rendered template text + its 16 kHz clips -> ids with each placeholder expanded, and features.
-
-        Works on any piece of a conversation that starts at a message boundary, which is how the engine
-        prefills only a new turn while the earlier ones stay in the KV cache.
-        """
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    def _expand(self, ids: list[int], clips: Sequence[np.ndarray]) -> ThinkerInputs:
+        """Template ids + their 16 kHz clips -> ids with each placeholder expanded, and features."""
         placeholders = sum(1 for t in ids if t == self.audio_token_id)
         if placeholders != len(clips):
             raise ValueError(
-                f"the prompt has {placeholders} {self.audio_token} placeholders for {len(clips)} audio parts; "
-                f"message text must not contain {self.audio_token}"
+                f"the prompt has {placeholders} {self.audio_token} placeholders for {len(clips)} audio parts"
             )
 
         features = mask = None
@@ -349,7 +506,7 @@ class ChromaProcessor:
             input_features=features,
             feature_attention_mask=mask,
             audio_token_counts=counts,
-            prompt_text=prompt,
+            prompt_text="",
         )
 
     def extract_features(self, clips: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,7 +558,7 @@ class ChromaProcessor:
             raise ValueError("voice prompt audio is missing: prompt text and audio go together")
         if not isinstance(text, str) or not text.strip():
             raise ValueError("voice prompt text is empty: prompt text and audio go together")
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.text_ids(text)
         try:
             wave = load_audio(
                 audio,

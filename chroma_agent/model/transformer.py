@@ -5,6 +5,9 @@ depth decoder (Llama: no biases). Parameter names follow transformers' Llama/Qwe
 load without renaming. Attention always goes through a static `KVCache`; queries see the cache slots at or
 before their own slot, which is causal attention in slot order. Rotary positions are passed separately
 from slots because Chroma's depth decoder puts two inputs at rotary position 0.
+
+Nothing in a forward depends on Python state that changes between calls (no lazy tables, no pointer
+checks), so a forward is traceable by `torch.compile(fullgraph=True)` and capturable in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chroma_agent.engine.kv_cache import KVCache
 from chroma_agent.model.config import StackConfig
+from chroma_agent.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -30,70 +33,48 @@ class RMSNorm(nn.Module):
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
-class RotaryTable:
-    """cos and sin for every position up to `length`, built once per device and dtype.
+def rotary_tables(head_dim: int, theta: float, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin for positions 0..length-1, float32 [length, head_dim].
 
     Stored as (cos, signed sin) so rotating a vector is `x * cos + x.roll(half) * sin`: the usual
     rotate-half layout of Llama/Qwen2 in four elementwise ops.
     """
-
-    def __init__(self, head_dim: int, theta: float, length: int):
-        self.head_dim, self.theta, self.length = head_dim, theta, length
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (positions.device, dtype)
-        if key not in self._tables:
-            half = self.head_dim // 2
-            inv_freq = 1.0 / (
-                self.theta ** (torch.arange(0, self.head_dim, 2, device=positions.device).float() / self.head_dim)
-            )
-            freqs = torch.arange(self.length, device=positions.device).float()[:, None] * inv_freq
-            emb = torch.cat((freqs, freqs), dim=-1)
-            sin = emb.sin()
-            sin[:, :half] = -sin[:, :half]
-            self._tables[key] = (emb.cos().to(dtype), sin.to(dtype))
-        cos, sin = self._tables[key]
-        return cos[positions], sin[positions]
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(length).float()[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    sin = emb.sin()
+    sin[:, :half] = -sin[:, :half]
+    return emb.cos(), sin
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
-def fuse_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One weight (and bias) for several projections of the same input, without a second copy.
+@torch.no_grad()
+def fuse_linears(owner: nn.Module, prefix: str, linears: list[nn.Linear]) -> None:
+    """Store several projections of one input as ONE weight (and bias), keeping each projection's name.
 
-    The parameters keep their checkpoint names but become views into one tensor, so a step runs one
-    matmul instead of three. If anything re-allocated a parameter since (`.to()`, `load_state_dict(assign=
-    True)`), the views no longer line up and the fused tensor is rebuilt.
+    The fused tensors are non-persistent buffers of `owner` (`{prefix}_weight`, `{prefix}_bias`); the named
+    parameters become views into them, so loading a checkpoint into the parameters fills the fused tensors
+    and nothing is stored twice. Anything that re-allocates parameters (`.to()`, `load_state_dict(assign=
+    True)`) breaks the views; `ChromaModel.fuse_weights()` calls this again once, never inside a forward.
     """
     first = linears[0].weight
-    offset = first.data_ptr()
-    aligned = True
+    weight = torch.cat([lin.weight.detach() for lin in linears]).to(first.device, first.dtype)
+    owner.register_buffer(f"{prefix}_weight", weight, persistent=False)
+    bias = None
+    if linears[0].bias is not None:
+        bias = torch.cat([lin.bias.detach() for lin in linears]).to(first.device, first.dtype)
+    owner.register_buffer(f"{prefix}_bias", bias, persistent=False)
+    start = 0
     for lin in linears:
-        w = lin.weight
-        if w.data_ptr() != offset or not w.is_contiguous():
-            aligned = False
-            break
-        offset += w.numel() * w.element_size()
-    fused = getattr(linears[0], "_fused", None)
-    if aligned and fused is not None and fused[0].data_ptr() == first.data_ptr() and fused[0].dtype == first.dtype:
-        return fused
-    with torch.no_grad():
-        weight = torch.cat([lin.weight.detach() for lin in linears])
-        bias = None
-        if linears[0].bias is not None:
-            bias = torch.cat([lin.bias.detach() for lin in linears])
-        start = 0
-        for lin in linears:
-            rows = lin.weight.shape[0]
-            lin.weight.data = weight[start : start + rows]
-            if bias is not None:
-                lin.bias.data = bias[start : start + rows]
-            start += rows
-    linears[0]._fused = (weight, bias)
-    return weight, bias
+        rows = lin.weight.shape[0]
+        lin.weight.data = weight[start : start + rows]
+        if bias is not None:
+            lin.bias.data = bias[start : start + rows]
+        start += rows
 
 
 def causal_slot_mask(slots: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -112,6 +93,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.fuse()
+
+    def fuse(self) -> None:
+        fuse_linears(self, "qkv", [self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -126,8 +111,7 @@ class Attention(nn.Module):
         all_rows: bool,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        weight, bias = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        qkv = F.linear(x, weight, bias)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q = qkv[..., :nq].view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = qkv[..., nq : nq + nkv].view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -147,10 +131,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fuse()
+
+    def fuse(self) -> None:
+        fuse_linears(self, "gate_up", [self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, _ = fuse_linears([self.gate_proj, self.up_proj])
-        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -174,7 +161,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # Positions past the trained range still work (rope has no hard limit); the table just has to cover them.
-        self.rotary = RotaryTable(cfg.head_dim, cfg.rope_theta, max(cfg.max_position_embeddings, 16384))
+        cos, sin = rotary_tables(cfg.head_dim, cfg.rope_theta, max(cfg.max_position_embeddings, 16384))
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
 
     def new_cache(self, batch_size: int, capacity: int, *, dtype: torch.dtype, device) -> KVCache:
         c = self.cfg
@@ -188,11 +177,12 @@ class Transformer(nn.Module):
         slots: torch.Tensor,
         rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, hidden]; positions and slots [B, T]; rows [B] indexes the cache (None: all rows)."""
+        """x [B, T, hidden]; positions and slots [B, T]; rows [B] indexes the cache (None: rows 0..B-1)."""
         all_rows = rows is None
         if rows is None:
             rows = torch.arange(x.shape[0], device=x.device)
-        cos, sin = self.rotary.lookup(positions, x.dtype)
+        cos = self.rotary_cos[positions].to(x.dtype)
+        sin = self.rotary_sin[positions].to(x.dtype)
         mask = causal_slot_mask(slots, cache.capacity)
         for i, block in enumerate(self.layers):
             h = block.input_layernorm(x)

@@ -1,9 +1,17 @@
-"""POST /v1/chat/completions: FlashLabs' request, OpenAI's reply, streamed as server-sent events on request.
+"""POST /v1/chat/completions: FlashLabs' request and OpenAI's audio-model request, OpenAI's reply, streamed as
+server-sent events on request.
 
 Each request is one short conversation: it takes an engine slot, adds the request's messages as turns,
 generates one reply and gives the slot back, whatever happens (errors, a client that leaves mid-stream).
 Everything that can be refused is checked before the reply starts, so a bad request gets a 4xx status and
 never a half-sent stream.
+
+Two reply styles share one pipeline. A request that uses FlashLabs' fields (`voice`, `prompt_audio`,
+`return_audio`, `audio_format`, ...) gets FlashLabs' reply: the transcript in `message.content` and the audio
+also at the top level. Any other request gets exactly what OpenAI's audio models return: audio only when
+`modalities` asks for it, then `message.content` null and the transcript in `message.audio.transcript`
+(streamed in `delta.audio.transcript`). Replies with audio are remembered by their audio id (transcript only,
+bounded, until `expires_at`) so that a later request can refer to them as OpenAI clients do.
 """
 
 from __future__ import annotations
@@ -12,11 +20,14 @@ import asyncio
 import base64
 import contextlib
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -24,7 +35,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from chroma_agent.audio import AudioError, encode_wav, load_audio, to_pcm16
+from chroma_agent.audio import AudioError, load_audio
+from chroma_agent.audio_encode import AudioEncoder, encode_audio, supported_formats
 from chroma_agent.engine.conversation import Conversation, ConversationError
 from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, ResponseEvent, TextDelta
@@ -49,10 +61,17 @@ from chroma_agent.server.schemas import (
     ReplyTimings,
     TextPart,
     Usage,
+    VoiceRef,
 )
 from chroma_agent.server.settings import ServerSettings
-from chroma_agent.server.system import ERROR_RESPONSES, ProtectedRoute, check_model
-from chroma_agent.voices import MAX_CLIP_SECONDS, UnknownVoiceError, VoiceError, VoiceProfile
+from chroma_agent.server.system import ERROR_RESPONSES, ProtectedRoute
+from chroma_agent.server.voice_choice import (
+    DEFAULT_VOICE_SETTING,
+    VoiceNotFound,
+    resolve_voice,
+    text_only_voice,
+)
+from chroma_agent.voices import MAX_CLIP_SECONDS, VoiceError, VoiceProfile
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +85,6 @@ CHAT_RESPONSES = {
     **ERROR_RESPONSES,
     200: {"content": {"text/event-stream": {"schema": {"type": "string"},
                                             "description": "with stream=true: chat.completion.chunk events"}}},
-    404: {"model": ErrorResponse, "description": "unknown model or voice"},
     503: {"model": ErrorResponse, "description": "every engine slot is busy; see Retry-After"},
 }
 
@@ -92,7 +110,12 @@ def _asset_path(text: str, root: Path, where: str) -> Path:
         raise escape from None
     if not resolved.is_relative_to(root):  # a symlink pointing out
         raise escape
-    if not resolved.is_file():
+    try:
+        is_file = resolved.is_file()
+    except OSError as exc:  # a component longer than the file system allows, permissions: the client's path
+        raise APIError(400, f"{where}: audio path cannot be used: {exc.strerror or exc}", param=where,
+                       code="audio_not_found") from None
+    if not is_file:
         raise APIError(400, f"{where}: audio file not found in the assets folder: {text[:200]}", param=where,
                        code="audio_not_found")
     return resolved
@@ -106,19 +129,86 @@ def load_request_audio(source: str, target_rate: int, where: str, settings: Serv
     assets folder, and then it must resolve inside it. Errors name `where` (e.g. `messages[1].content[0]`).
     """
     limit = settings.max_audio_seconds if max_seconds is None else min(max_seconds, settings.max_audio_seconds)
+    samples = settings.max_audio_samples
     try:
-        return load_audio(source, target_rate, allow_paths=False, max_seconds=limit)
+        return load_audio(source, target_rate, allow_paths=False, max_seconds=limit, max_samples=samples)
     except AudioError as exc:
         text = source.strip()
+        # Audio recognised as inline (a known container's base64) and then refused is never retried as a path.
         maybe_path = (allow_paths and settings.assets_dir is not None and 0 < len(text) <= _MAX_PATH_CHARS
-                      and "\x00" not in text and not text.lower().startswith(("data:", "http://", "https://")))
+                      and not exc.inline and "\x00" not in text
+                      and not text.lower().startswith(("data:", "http://", "https://")))
         if not maybe_path:
             raise _invalid_audio(where, exc) from None
     path = _asset_path(text, Path(settings.assets_dir), where)
     try:
-        return load_audio(path, target_rate, max_seconds=limit)
+        return load_audio(path, target_rate, max_seconds=limit, max_samples=samples)
     except AudioError as exc:
         raise _invalid_audio(where, exc) from None
+
+
+# --- replies a later request may refer to ---------------------------------------------------------------
+
+
+class AudioReplyStore:
+    """Transcripts of recent replies with audio, by audio id, until their `expires_at` (bounded, in memory).
+
+    Every entry lives `ttl_s`, so insertion order is expiry order and expired entries leave from the front.
+    When the store is full of live entries a new reply is not kept, and says so: its `expires_at` is its
+    creation time (no entry ever disappears before the `expires_at` it was given).
+    """
+
+    def __init__(self, ttl_s: float, capacity: int):
+        self.ttl_s, self.capacity = ttl_s, capacity
+        self._entries: OrderedDict[str, tuple[int, str]] = OrderedDict()
+        self._lock = threading.Lock()  # requests are prepared in worker threads
+        self._full_logged = False
+
+    def _purge(self, now: float) -> None:
+        while self._entries:
+            first = next(iter(self._entries.values()))
+            if first[0] > now:
+                break
+            self._entries.popitem(last=False)
+
+    def add(self, audio_id: str, transcript: str, created: int) -> int:
+        """Remember a reply; returns its `expires_at` (Unix seconds)."""
+        expires_at = int(created + self.ttl_s)
+        now = time.time()
+        with self._lock:
+            self._purge(now)
+            if expires_at <= now:
+                return created
+            if len(self._entries) >= self.capacity:
+                if not self._full_logged:
+                    log.warning("audio reply store full (%d live transcripts, audio_reply_store_size): new replies "
+                                "cannot be referred to until older ones expire", len(self._entries))
+                    self._full_logged = True
+                return created
+            self._full_logged = False
+            self._entries[audio_id] = (expires_at, transcript)
+        return expires_at
+
+    def get(self, audio_id: str) -> str | None:
+        """The transcript, while the reply's `expires_at` has not passed; None otherwise."""
+        now = time.time()
+        with self._lock:
+            self._purge(now)
+            entry = self._entries.get(audio_id)
+        return entry[1] if entry is not None and now < entry[0] else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def reply_store(request: Request) -> AudioReplyStore:
+    """The app's store (made on first use, on the event loop, so there is exactly one)."""
+    state = request.app.state
+    store = getattr(state, "audio_replies", None)
+    if store is None:
+        settings: ServerSettings = state.settings
+        store = state.audio_replies = AudioReplyStore(settings.audio_reply_ttl_s, settings.audio_reply_store_size)
+    return store
 
 
 # --- from request to conversation ----------------------------------------------------------------------
@@ -140,16 +230,57 @@ class _Plan:
     sampling: SamplingParams
     max_frames: int
     return_audio: bool
-    audio_format: str  # wav or pcm16
+    audio_format: str  # one of audio_encode.OUTPUT_FORMATS
+    flashlabs: bool  # FlashLabs' reply style: transcript in message.content, audio also at the top level
 
 
-def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest) -> VoiceProfile:
-    """The request's voice: cloned from prompt_text + prompt_audio, a stored one, or the server's default."""
-    name = body.voice
+#: FlashLabs' request fields; a request with any of them gets FlashLabs' reply style.
+_FLASHLABS_FIELDS = ("return_audio", "prompt_audio", "prompt_text", "voice", "audio_format")
+
+
+def _given(body: ChatCompletionRequest, name: str) -> bool:
+    return name in body.model_fields_set and getattr(body, name) is not None
+
+
+def _wants_audio(body: ChatCompletionRequest) -> bool:
+    """Audio only when asked for: `return_audio` decides, else `modalities`, else FlashLabs' audio fields."""
+    if _given(body, "return_audio"):
+        return bool(body.return_audio)
+    if body.modalities is not None:
+        return "audio" in body.modalities
+    return any(_given(body, name) for name in ("prompt_audio", "prompt_text", "voice", "audio_format"))
+
+
+def _audio_format(body: ChatCompletionRequest) -> tuple[str, str]:
+    """(format, the field that named it); FlashLabs' audio_format wins over OpenAI's audio.format."""
+    if body.audio_format is not None:
+        fmt, param = body.audio_format, "audio_format"
+    elif body.audio is not None and body.audio.format is not None:
+        fmt, param = body.audio.format, "audio.format"
+    else:
+        fmt, param = "wav", "audio_format"
+    return ("pcm16" if fmt == "pcm" else fmt), param
+
+
+def _voice_name(body: ChatCompletionRequest) -> tuple[str | None, str]:
+    """The voice the request names and the field it came from (`voice` or `audio.voice`)."""
+    name, param = body.voice, "voice"
     if body.audio is not None and body.audio.voice is not None:
-        if name is not None and name != body.audio.voice:
+        given = body.audio.voice.id if isinstance(body.audio.voice, VoiceRef) else body.audio.voice
+        if name is not None and name != given:
             raise APIError(400, "voice and audio.voice name different voices", param="voice")
-        name = body.audio.voice
+        name, param = given, "audio.voice"
+    elif name is None and body.audio is not None:
+        param = "audio.voice"
+    return name, param
+
+
+def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest, speaks: bool) -> VoiceProfile:
+    """The request's voice: cloned from prompt_text + prompt_audio, a stored one, or the configured default.
+
+    A reply that does not speak needs no voice: without one it gets the text-only placeholder.
+    """
+    name, param = _voice_name(body)
     if (body.prompt_text is None) != (body.prompt_audio is None):
         missing = "prompt_audio" if body.prompt_audio is None else "prompt_text"
         raise APIError(400, f"{missing} is missing: prompt_text and prompt_audio go together (give both or "
@@ -157,41 +288,47 @@ def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
     if body.prompt_audio is not None:
         if name is not None:
             raise APIError(400, "give either a stored voice or prompt_text + prompt_audio, not both", param="voice")
+        if not speaks:  # cloning is the expensive part, and a text-only reply does not use the voice
+            return text_only_voice(engine)
         rate = engine.processor.voice_sample_rate
         clip = load_request_audio(body.prompt_audio, rate, "prompt_audio", settings, max_seconds=MAX_CLIP_SECONDS)
         try:
             # Not stored: a per-request clone. Its backbone prefix is still cached by content in the engine.
-            profile = engine.create_voice(clip, body.prompt_text, sample_rate=rate, allow_paths=False)
+            profile = engine.create_voice(clip, body.prompt_text, sample_rate=rate, allow_paths=False).result()
         except VoiceError as exc:
             param = "prompt_audio" if str(exc).startswith("voice clip") else "prompt_text"
             raise APIError(400, f"{param}: {exc}", param=param) from None
-    elif name is not None:
-        try:
-            profile = engine.resolve_voice(name)
-        except UnknownVoiceError:
-            raise APIError(404, f"voice {name!r} not found (GET /v1/voices lists the stored voices)",
-                           type="not_found_error", param="voice", code="voice_not_found") from None
-        except VoiceError as exc:
-            raise APIError(400, f"voice: {exc}", param="voice") from None
-    elif engine.default_voice is not None:
-        profile = engine.default_voice
     else:
-        raise APIError(400, "voice: this server has no default voice: name a stored voice with `voice`, or clone "
-                       "one with prompt_text + prompt_audio (or start the server with --voice NAME, or "
-                       "--voice-audio CLIP --voice-text '...')", param="voice", code="voice_required")
+        try:
+            found = resolve_voice(engine, name)
+        except VoiceNotFound:
+            raise APIError(400, f"{param}: voice {name!r} not found (GET /v1/voices lists the stored voices; "
+                           "OpenAI's voice names speak with the server's default voice)", param=param,
+                           code="voice_not_found") from None
+        except VoiceError as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from None
+        if found is None:
+            if not speaks:
+                return text_only_voice(engine)
+            named = f"{name!r} stands for the server's default voice, but " if name is not None else ""
+            raise APIError(400, f"{param}: {named}this server has no default voice ({DEFAULT_VOICE_SETTING} is not "
+                           "set): name a stored voice, or clone one with prompt_text + prompt_audio", param=param,
+                           code="voice_required")
+        profile = found
     try:
         profile.require_compatible(engine.model.config)
     except VoiceError as exc:
-        raise APIError(400, f"voice: {exc}", param="voice") from None
+        raise APIError(400, f"{param}: {exc}", param=param) from None
     return profile
 
 
-def _turns(engine: Engine, settings: ServerSettings,
-           body: ChatCompletionRequest) -> tuple[str | None, list[_Turn]]:
+def _turns(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest,
+           store: AudioReplyStore) -> tuple[str | None, list[_Turn]]:
     """The instructions (a leading system message) and the other messages as conversation turns.
 
     A user message is one turn holding its text and audio parts in order (the chat template renders them in
     one user block, as the reference does); consecutive text parts are joined, as the template joins them.
+    An assistant message that refers to an earlier reply by its audio id is that reply's transcript.
     """
     rate = engine.processor.audio_sample_rate
     audio_token = engine.processor.audio_token
@@ -201,6 +338,15 @@ def _turns(engine: Engine, settings: ServerSettings,
         where = f"messages[{i}]"
         role = "system" if message.role == "developer" else message.role
         content = "" if message.content is None else message.content
+        ref = getattr(message, "audio", None)
+        if ref is not None:
+            transcript = store.get(ref.id)
+            if transcript is None:
+                raise APIError(400, f"{where}.audio.id: no reply with audio id {ref.id!r} can be referred to (unknown "
+                               "to this server, or its expires_at has passed); send its transcript as content "
+                               "instead", param=f"{where}.audio.id", code="audio_expired")
+            turns.append(_Turn(role, f"{where}.audio", text=transcript))
+            continue
         parts = [(f"{where}.content", TextPart(type="text", text=content))] if isinstance(content, str) else [
             (f"{where}.content[{j}]", part) for j, part in enumerate(content)
         ]
@@ -235,10 +381,16 @@ def _turns(engine: Engine, settings: ServerSettings,
     return instructions, turns
 
 
-def _prepare(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest) -> _Plan:
+def _prepare(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest,
+             store: AudioReplyStore) -> _Plan:
     """Everything about a request that can be refused, checked before a slot is taken (runs in a thread)."""
-    instructions, turns = _turns(engine, settings, body)
-    voice = _voice(engine, settings, body)  # after the messages: cloning is the expensive part
+    speaks = _wants_audio(body)
+    audio_format, format_param = _audio_format(body)
+    if speaks and audio_format not in supported_formats():
+        raise APIError(400, f"{format_param}: {audio_format!r} cannot be encoded on this server (its FFmpeg has "
+                       f"no encoder for it); use one of {', '.join(supported_formats())}", param=format_param)
+    instructions, turns = _turns(engine, settings, body, store)
+    voice = _voice(engine, settings, body, speaks)  # after the messages: cloning is the expensive part
     overrides = {k: v for k, v in (("temperature", body.temperature), ("top_p", body.top_p),
                                    ("top_k", body.top_k), ("seed", body.seed)) if v is not None}
     try:
@@ -247,36 +399,37 @@ def _prepare(engine: Engine, settings: ServerSettings, body: ChatCompletionReque
                                          or settings.default_max_frames)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
-    audio_format = body.audio_format
-    if "audio_format" not in body.model_fields_set and body.audio is not None and body.audio.format is not None:
-        audio_format = body.audio.format
     return _Plan(
         voice=voice, instructions=instructions, turns=turns, sampling=sampling, max_frames=max_frames,
-        return_audio=body.return_audio and (body.modalities is None or "audio" in body.modalities),
-        audio_format="pcm16" if audio_format == "pcm" else audio_format,
+        return_audio=speaks, audio_format=audio_format,
+        flashlabs=any(_given(body, name) for name in _FLASHLABS_FIELDS),
     )
 
 
-def _open(engine: Engine, plan: _Plan, wait_s: float) -> Conversation:
-    """A conversation holding the request's turns (runs in a thread: it may wait for a slot)."""
+async def _open(engine: Engine, plan: _Plan, wait_s: float) -> Conversation:
+    """A conversation holding the request's turns (waiting for a slot holds no thread)."""
     try:
-        conv = engine.open_conversation(plan.voice, plan.instructions, sampling=plan.sampling, wait_s=wait_s)
+        conv = await engine.open_conversation(plan.voice, plan.instructions, sampling=plan.sampling, wait_s=wait_s)
     except EngineBusyError as exc:
         raise APIError(503, f"{exc}; try again shortly", type="server_error", code="engine_busy",
                        headers={"Retry-After": "1"}) from None
-    turn: _Turn | None = None
+    added: list[tuple[_Turn, Any]] = []
     try:
         rate = engine.processor.audio_sample_rate
+        # Queued all at once: the engine's pool renders them in parallel, the engine applies them in order.
         for turn in plan.turns:
             if turn.role == "user":
-                conv.add_user_message([p if isinstance(p, str) else (p, rate) for p in turn.parts])
+                added.append((turn, conv.add_user_message([p if isinstance(p, str) else (p, rate)
+                                                           for p in turn.parts])))
             elif turn.role == "system":
-                conv.add_system_text(turn.text)
+                added.append((turn, conv.add_system_text(turn.text)))
             else:
-                conv.add_assistant_text(turn.text)
-    except ValueError as exc:  # AudioError and VoiceError included
-        conv.close()
-        raise APIError(400, f"{turn.where}: {exc}", param=turn.where) from None
+                added.append((turn, conv.add_assistant_text(turn.text)))
+        for turn, pending in added:
+            try:
+                await pending
+            except ValueError as exc:  # AudioError, VoiceError and context limits included
+                raise APIError(400, f"{turn.where}: {exc}", param=turn.where) from None
     except BaseException:
         conv.close()
         raise
@@ -299,6 +452,11 @@ class _Reply:
     plan: _Plan
     sample_rate: int
     metrics: ServerMetrics
+    store: AudioReplyStore
+
+    def remember(self, done: ResponseDone) -> int:
+        """Keep the transcript for follow-up requests; returns the audio's `expires_at`."""
+        return self.store.add(self.audio_id, done.text, self.created)
 
     def describe(self) -> str:
         return f"request {self.request_id}: conversation {self.conversation.id} (voice {self.plan.voice.name})"
@@ -320,7 +478,7 @@ class _Reply:
 
 
 def _finish_reason(done: ResponseDone) -> str:
-    return "length" if done.reason == "max_frames" else "stop"
+    return "length" if done.reason in ("max_frames", "max_tokens") else "stop"
 
 
 def _usage(done: ResponseDone) -> Usage:
@@ -369,12 +527,12 @@ async def _cancel_on_disconnect(request: Request, reply: _Reply) -> AsyncIterato
 
 
 async def _complete(reply: _Reply, events: AsyncIterator[ResponseEvent], first: ResponseEvent) -> ChatCompletion:
+    plan = reply.plan
     pcm: list[np.ndarray] = []
     done: ResponseDone | None = None
     async for event in _with_first(first, events):
         if isinstance(event, AudioChunk):
-            if reply.plan.return_audio:
-                pcm.append(event.pcm)
+            pcm.append(event.pcm)
         elif isinstance(event, ResponseDone):
             done = event
         elif isinstance(event, ResponseError):
@@ -382,17 +540,21 @@ async def _complete(reply: _Reply, events: AsyncIterator[ResponseEvent], first: 
     assert done is not None  # respond() always ends with ResponseDone or ResponseError
     reply.finished(done)
     audio = audio_format = sample_rate = message_audio = None
-    if reply.plan.return_audio:
+    content: str | None = done.text
+    if plan.return_audio:
         samples = np.concatenate(pcm) if pcm else np.zeros(0, dtype=np.float32)
-        data = encode_wav(samples, reply.sample_rate) if reply.plan.audio_format == "wav" else to_pcm16(samples)
-        audio = base64.b64encode(data).decode("ascii")
-        audio_format, sample_rate = reply.plan.audio_format, reply.sample_rate
-        # The id cannot be referenced by later requests (nothing is kept), so it expires at once.
-        message_audio = ReplyAudio(id=reply.audio_id, data=audio, transcript=done.text,
-                                   expires_at=reply.created)
+        # compressed formats take a while for a long reply: not on the event loop
+        data = await run_in_threadpool(encode_audio, samples, reply.sample_rate, plan.audio_format)
+        b64 = base64.b64encode(data).decode("ascii")
+        message_audio = ReplyAudio(id=reply.audio_id, data=b64, transcript=done.text,
+                                   expires_at=reply.remember(done))
+        if plan.flashlabs:
+            audio, audio_format, sample_rate = b64, plan.audio_format, reply.sample_rate
+        else:  # OpenAI's shape: the transcript lives in message.audio
+            content = None
     return ChatCompletion(
         id=reply.id, created=reply.created, model=reply.model,
-        choices=[Choice(message=AssistantMessage(content=done.text, audio=message_audio),
+        choices=[Choice(message=AssistantMessage(content=content, audio=message_audio),
                         finish_reason=_finish_reason(done))],
         usage=_usage(done), audio=audio, audio_format=audio_format, sample_rate=sample_rate,
         timings=ReplyTimings(**asdict(done.timings)),
@@ -404,25 +566,48 @@ def _sse(data: str) -> str:
 
 
 def _chunk(reply: _Reply, delta: Delta, finish_reason: str | None = None, usage: Usage | None = None) -> str:
+    flashlabs_audio = reply.plan.return_audio and reply.plan.flashlabs
     chunk = ChatCompletionChunk(id=reply.id, created=reply.created, model=reply.model, usage=usage,
                                 choices=[ChunkChoice(delta=delta, finish_reason=finish_reason)],
-                                sample_rate=reply.sample_rate if reply.plan.return_audio else None)
+                                sample_rate=reply.sample_rate if flashlabs_audio else None)
     return _sse(chunk.model_dump_json(exclude_none=True))
 
 
 async def _stream(reply: _Reply, events: AsyncIterator[ResponseEvent], first: ResponseEvent) -> AsyncIterator[str]:
-    """OpenAI chunks: text deltas as `content`, each 80 ms frame as base64 PCM16 in `audio.data`."""
+    """OpenAI chunks. Text: `delta.content` (FlashLabs style and text-only replies) or `delta.audio.transcript`
+    (audio asked for OpenAI's way). Audio: `delta.audio.data`, one 80 ms frame of PCM16 per delta for pcm16 and
+    wav (a WAV header needs the length), mp3 / opus / aac piece by piece as they are encoded, flac whole in the
+    last audio delta (FLAC readers such as libsndfile need the length in its header); then
+    `delta.audio.expires_at`.
+    """
+    plan = reply.plan
+    encoder = None
+    if plan.return_audio and plan.audio_format not in ("wav", "pcm16"):
+        encoder = AudioEncoder(plan.audio_format, reply.sample_rate, seekable=plan.audio_format == "flac")
+    transcript_in_audio = plan.return_audio and not plan.flashlabs
+
+    def audio_delta(**fields) -> str:
+        return _chunk(reply, Delta(audio=DeltaAudio(id=reply.audio_id, **fields)))
+
     try:
-        yield _chunk(reply, Delta(role="assistant", content=""))
+        yield _chunk(reply, Delta(role="assistant", content=None if transcript_in_audio else ""))
         async for event in _with_first(first, events):
             if isinstance(event, AudioChunk):
-                if reply.plan.return_audio:
-                    data = base64.b64encode(event.pcm16()).decode("ascii")
-                    yield _chunk(reply, Delta(audio=DeltaAudio(id=reply.audio_id, data=data)))
+                if plan.return_audio:
+                    data = encoder.push(event.pcm) if encoder is not None else event.pcm16()
+                    if data:
+                        yield audio_delta(data=base64.b64encode(data).decode("ascii"))
             elif isinstance(event, TextDelta):
-                yield _chunk(reply, Delta(content=event.text))
+                if transcript_in_audio:
+                    yield audio_delta(transcript=event.text)
+                else:
+                    yield _chunk(reply, Delta(content=event.text))
             elif isinstance(event, ResponseDone):
                 reply.finished(event)
+                if plan.return_audio:
+                    if encoder is not None and (tail := encoder.finish()):
+                        yield audio_delta(data=base64.b64encode(tail).decode("ascii"))
+                    yield audio_delta(expires_at=reply.remember(event))
                 yield _chunk(reply, Delta(), _finish_reason(event), _usage(event))
             else:
                 error = reply.failed(event)
@@ -430,6 +615,8 @@ async def _stream(reply: _Reply, events: AsyncIterator[ResponseEvent], first: Re
                 yield _sse(body.model_dump_json())
         yield _sse("[DONE]")
     finally:
+        if encoder is not None:
+            encoder.close()
         await events.aclose()
 
 
@@ -450,22 +637,24 @@ class _ReplyStream(StreamingResponse):
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=CHAT_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    """FlashLabs-compatible chat completion: the reply's transcript and audio, optionally streamed."""
-    check_model(request, body.model)
+    """A chat completion: text, or speech and its transcript when asked for (FlashLabs' or OpenAI's way)."""
     engine: Engine = request.app.state.engine
     settings: ServerSettings = request.app.state.settings
-    plan = await run_in_threadpool(_prepare, engine, settings, body)
-    conv = await run_in_threadpool(_open, engine, plan, settings.session_wait_s)
+    store = reply_store(request)
+    plan = await run_in_threadpool(_prepare, engine, settings, body, store)
+    conv = await _open(engine, plan, settings.session_wait_s)
     key = uuid.uuid4().hex
-    reply = _Reply(id=f"chatcmpl-{key}", audio_id=f"audio_{key}", created=int(time.time()), model=body.model,
-                   request_id=request.state.request_id, conversation=conv, plan=plan,
-                   sample_rate=engine.model.config.sample_rate, metrics=request.app.state.metrics)
-    log.info("%s: %d turns, up to %d frames, %s", reply.describe(), len(plan.turns), plan.max_frames,
+    # Any model name is accepted (clients send their own defaults); the reply names the model that answered.
+    reply = _Reply(id=f"chatcmpl-{key}", audio_id=f"audio_{key}", created=int(time.time()),
+                   model=settings.model_name, request_id=request.state.request_id, conversation=conv, plan=plan,
+                   sample_rate=engine.model.config.sample_rate, metrics=request.app.state.metrics, store=store)
+    log.info("%s: %d turns, up to %d frames, %s, %s", reply.describe(), len(plan.turns), plan.max_frames,
+             f"audio ({plan.audio_format})" if plan.return_audio else "text only",
              "streaming" if body.stream else "whole reply")
     streaming = False
     try:
         async with _cancel_on_disconnect(request, reply):
-            events = conv.respond(max_frames=plan.max_frames)
+            events = conv.respond(max_frames=plan.max_frames, output_audio=plan.return_audio)
             first = await _first_event(reply, events)
             if not body.stream:
                 try:

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,15 +29,16 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketState
 
 from chroma_agent.audio import pcm16_to_float, resample
-from chroma_agent.engine.conversation import Conversation, ConversationError, Turn
+from chroma_agent.engine.conversation import Conversation, ConversationError, TurnRef
 from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, TextDelta
 from chroma_agent.engine.sampling import SamplingParams
 from chroma_agent.realtime_protocol import (
     BETA_HEADER_VALUE,
     BETA_SUBPROTOCOL,
+    DEFAULT_TURN_DETECTION,
+    FRAME_MS,
     INSECURE_API_KEY_SUBPROTOCOL,
-    OPENAI_VOICES,
     SAMPLE_RATE,
     SAMPLE_WIDTH,
     SUBPROTOCOL,
@@ -50,6 +51,7 @@ from chroma_agent.realtime_protocol import (
     InputAudioBufferAppend,
     InputAudioBufferClear,
     InputAudioBufferCommit,
+    Modality,
     ProtocolError,
     ResponseCancel,
     ResponseCreate,
@@ -66,6 +68,14 @@ from chroma_agent.server.errors import APIError
 from chroma_agent.server.metrics import ServerMetrics
 from chroma_agent.server.security import bearer_token, key_matches
 from chroma_agent.server.settings import ServerSettings
+from chroma_agent.server.voice_choice import (
+    DEFAULT_VOICE_SETTING,
+    VoiceNotFound,
+    is_stock_voice,
+    known_voices,
+    resolve_voice,
+    text_only_voice,
+)
 from chroma_agent.voices import VoiceError, VoiceProfile
 
 log = logging.getLogger(__name__)
@@ -143,10 +153,15 @@ def _check_beta_format(value: str | None, param: str, event_id: str | None) -> N
                             param=param, event_id=event_id)
 
 
-def _check_modalities(mods: list[str] | None, param: str, event_id: str | None) -> None:
-    if mods is not None and "audio" not in mods:
-        raise ProtocolError(ErrorCode.UNSUPPORTED, "text-only output is not supported: this model always "
-                            "answers with audio plus its transcript", param=param, event_id=event_id)
+def _modality(mods: list[str] | None, param: str, event_id: str | None) -> Modality | None:
+    """`output_modalities` / `modalities` -> "audio" (speech and its transcript) or "text" (text only)."""
+    if mods is None:
+        return None
+    unknown = [m for m in mods if m not in ("audio", "text")]
+    if unknown or not mods:
+        raise ProtocolError(ErrorCode.INVALID_VALUE, f"modalities must be ['audio'] or ['text'] (beta: ['audio', "
+                            f"'text'] or ['text']), got {mods!r}", param=param, event_id=event_id)
+    return "audio" if "audio" in mods else "text"
 
 
 def _max_frames(value: int | str | None, default: int) -> int | None:
@@ -154,6 +169,17 @@ def _max_frames(value: int | str | None, default: int) -> int | None:
     if value is None:
         return default
     return None if value == "inf" else int(value)
+
+
+_vad_unavailable_logged = False
+
+
+def _log_vad_unavailable(exc: Exception) -> None:
+    global _vad_unavailable_logged
+    if not _vad_unavailable_logged:  # once per process: every session would say the same
+        _vad_unavailable_logged = True
+        log.warning("server_vad is unavailable (%s: %s): realtime sessions start with turn_detection null",
+                    type(exc).__name__, exc)
 
 
 @functools.lru_cache(maxsize=1)
@@ -245,10 +271,11 @@ class _Item:
     id: str
     role: str
     content: list[dict[str, Any]]
-    turns: list[Turn] = field(default_factory=list)
+    turns: list[TurnRef] = field(default_factory=list)
     status: str = "completed"
     audio: bool = False  # an assistant audio item made by a response
-    audio_ms: float = 0.0
+    audio_ms: float = 0.0  # audio of it sent to the client
+    cut_ms: float | None = None  # where its context was truncated (server barge-in, client truncate)
     finished: bool = True
     submitted: bool = False  # its reply reached the engine (so the engine's latest reply is this item's)
 
@@ -263,9 +290,22 @@ class _Response:
     max_frames: int | None
     max_output_tokens: int | str
     sampling: SamplingParams
+    modality: Modality = "audio"
     cancel_requested: bool = False
     cancel_reason: str = "client_cancelled"
+    cut_ms: float | None = None  # truncate the reply's context here when it ends (barge-in, client truncate)
+    frames_sent: int = 0
+    first_sent_at: float | None = None  # monotonic time of its first audio delta
     task: asyncio.Task | None = None
+
+    def sent_ms(self) -> float:
+        return self.frames_sent * FRAME_MS
+
+    def heard_ms(self) -> float:
+        """What the listener can have heard: the audio sent, at most as much as real-time playback allows."""
+        if self.first_sent_at is None:
+            return 0.0
+        return min(self.sent_ms(), (time.monotonic() - self.first_sent_at) * 1000)
 
 
 # --- the connection ----------------------------------------------------------------------------------------
@@ -282,7 +322,8 @@ class RealtimeConnection:
         self.events = ServerEvents(self.dialect)
         self.session_id = new_id("sess")
         self.conv: Conversation | None = None
-        self.voice: VoiceProfile | None = None
+        self.voice: VoiceProfile | None = None  # None: no voice to speak with (no default configured)
+        self.modality: Modality = "audio"
         self.instructions: str | None = None
         self.turn_detection: dict[str, Any] | None = None
         self.vad: ServerVad | None = None
@@ -342,29 +383,32 @@ class RealtimeConnection:
             await self.ws.close(CLOSE_POLICY)
 
     async def _open(self) -> bool:
+        # The configured default and nothing else; without one the session starts without a voice (text
+        # replies work, audio replies wait for a session.update naming a stored voice).
+        self.voice = self.engine.default_voice
         try:
-            self.voice = self.engine.resolve_voice(None)
-        except ValueError:
-            names = self.engine.voices.names()
-            self.voice = await asyncio.to_thread(self.engine.voices.get, names[0]) if names else None
-        if self.voice is None:
-            await self._send(self.events.error("the server has no voice to speak with (no default voice and no "
-                                               "stored voices): start it with --voice-audio CLIP --voice-text "
-                                               "'...' or store one with POST /v1/voices",
-                                               code=ErrorCode.SERVER_ERROR, type="server_error"))
-            await self.ws.close(CLOSE_INTERNAL)
-            return False
-        try:
-            self.conv = await asyncio.to_thread(self.engine.open_conversation, self.voice, None,
-                                                wait_s=self.settings.session_wait_s)
+            self.conv = await self.engine.open_conversation(self._engine_voice(), None,
+                                                            wait_s=self.settings.session_wait_s)
         except EngineBusyError as exc:
             self.metrics.errors.labels("busy").inc()
             await self._send(self.events.error(f"{exc}; try again later", code=ErrorCode.SERVER_BUSY,
                                                type="server_error"))
             await self.ws.close(CLOSE_TRY_AGAIN, "try again later")
             return False
-        log.info("realtime session %s: conversation %s (%s dialect)", self.session_id, self.conv.id, self.dialect)
+        # OpenAI sessions start with server VAD; so do ours when Silero is installed.
+        try:
+            self.vad = await asyncio.to_thread(ServerVad, DEFAULT_TURN_DETECTION)
+            self.turn_detection = dict(DEFAULT_TURN_DETECTION)
+        except Exception as exc:  # livekit-plugins-silero / onnxruntime missing or broken
+            _log_vad_unavailable(exc)
+        log.info("realtime session %s: conversation %s (%s dialect, voice %s, turn detection %s)", self.session_id,
+                 self.conv.id, self.dialect, self.voice.name if self.voice else "none",
+                 "server_vad" if self.vad else "none")
         return True
+
+    def _engine_voice(self) -> VoiceProfile:
+        """What the engine's conversation carries: the session's voice, or a placeholder it never speaks with."""
+        return self.voice if self.voice is not None else text_only_voice(self.engine)
 
     async def _shutdown(self) -> None:
         self._closed = True
@@ -374,29 +418,30 @@ class RealtimeConnection:
             await asyncio.wait([resp.task], timeout=RESPONSE_STOP_WAIT_S)
         if self.conv is not None:
             conv, self.conv = self.conv, None
-            try:
-                await asyncio.to_thread(conv.close)
-            except asyncio.CancelledError:
-                conv.close()
-                raise
+            conv.close()  # queued: frees the slot without waiting for a step
         if self.ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close()
 
     # --- sending --------------------------------------------------------------------------------------------
 
-    async def _send(self, event: dict[str, Any] | None) -> None:
+    async def _send(self, event: dict[str, Any] | None, *, unless: Callable[[], bool] | None = None) -> bool:
+        """Send one event; with `unless`, only if it is still false once this send's turn comes (checked under the
+        send lock, so a flag set before another event is queued keeps this one from going out after it)."""
         if event is None:
-            return
+            return False
         if self._closed:
             raise _Disconnected
         text = json.dumps(event, separators=(",", ":"))
         async with self._send_lock:
+            if unless is not None and unless():
+                return False
             try:
                 await self.ws.send_text(text)
             except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError after close
                 self._closed = True
                 raise _Disconnected from exc
+        return True
 
     async def _send_error(self, exc: ProtocolError) -> None:
         self.metrics.errors.labels(f"realtime_{exc.code}").inc()
@@ -489,32 +534,39 @@ class RealtimeConnection:
         return self.events.session(
             session_id=self.session_id, model=self.settings.model_name, instructions=self.instructions or "",
             voice=self.voice.name if self.voice else None, turn_detection=self.turn_detection,
-            max_output_tokens=self.max_output_tokens, temperature=self.temperature)
+            max_output_tokens=self.max_output_tokens, temperature=self.temperature, modality=self.modality)
 
     def _sampling(self, temperature: float | None) -> SamplingParams:
         base = self.engine.sampling
         t = temperature if temperature is not None else self.temperature
         return base if t is None else dataclasses.replace(base, temperature=t)
 
-    async def _resolve_voice(self, name: str, param: str, event_id: str | None) -> VoiceProfile:
-        default = self.engine.default_voice
-        if default is not None and name == default.name:
-            return default
-        if self.voice is not None and name == self.voice.name:
+    async def _resolve_voice(self, name: str, param: str, event_id: str | None) -> VoiceProfile | None:
+        """A stored voice, the configured default (its name or an OpenAI stock name), or None: a stock name
+        while no default is configured (the update's other fields still apply; audio replies are refused)."""
+        if self.voice is not None and name == self.voice.name and not is_stock_voice(name):
             return self.voice
         try:
-            if name in self.engine.voices:
-                profile = await asyncio.to_thread(self.engine.voices.get, name)
-                profile.require_compatible(self.engine.model.config)
-                return profile
+            return await asyncio.to_thread(resolve_voice, self.engine, name)
+        except VoiceNotFound:
+            known = await asyncio.to_thread(known_voices, self.engine)
+            raise ProtocolError(ErrorCode.UNKNOWN_VOICE, f"unknown voice {name!r}; available voices: {known} (OpenAI's "
+                                "voice names speak with the server's default voice)", param=param,
+                                event_id=event_id) from None
         except VoiceError as exc:
             raise ProtocolError(ErrorCode.UNKNOWN_VOICE, f"voice {name!r} cannot be used: {exc}", param=param,
                                 event_id=event_id) from None
-        if name in OPENAI_VOICES and default is not None:
-            return default  # OpenAI's stock names (clients' defaults) speak with the server's default voice
-        known = sorted({*self.engine.voices.names(), *([default.name] if default else [])})
-        raise ProtocolError(ErrorCode.UNKNOWN_VOICE, f"unknown voice {name!r}; available voices: {known}",
-                            param=param, event_id=event_id)
+
+    def _voice_param(self) -> str:
+        return "session.audio.output.voice" if self.dialect == "ga" else "session.voice"
+
+    def _require_voice(self, event_id: str | None) -> None:
+        """An audio reply needs a voice; refuse it (naming the setting) when the session has none."""
+        if self.voice is None:
+            raise ProtocolError(ErrorCode.VOICE_REQUIRED, f"this server has no default voice ({DEFAULT_VOICE_SETTING} "
+                                f"is not set) and the session has none: set {self._voice_param()} to a stored voice, "
+                                "or ask for a text reply (output_modalities ['text'])", param=self._voice_param(),
+                                event_id=event_id)
 
     def _turn_detection(self, td: TurnDetection | None, param: str, event_id: str | None) -> dict[str, Any] | None:
         if td is None or td.type in (None, "none"):
@@ -524,21 +576,16 @@ class RealtimeConnection:
                                 "(use null for client-side commits, or 'server_vad')", param=f"{param}.type",
                                 event_id=event_id)
         # semantic_vad has no counterpart here; it runs as server_vad with the default timings.
-        return {
-            "type": "server_vad",
-            "threshold": td.threshold if td.threshold is not None else 0.5,
-            "prefix_padding_ms": td.prefix_padding_ms if td.prefix_padding_ms is not None else 300,
-            "silence_duration_ms": td.silence_duration_ms if td.silence_duration_ms is not None else 500,
-            "create_response": td.create_response if td.create_response is not None else True,
-            "interrupt_response": td.interrupt_response if td.interrupt_response is not None else True,
-        }
+        given = {k: getattr(td, k) for k in DEFAULT_TURN_DETECTION if k != "type" and getattr(td, k) is not None}
+        return {**DEFAULT_TURN_DETECTION, **given}
 
     async def _session_update(self, event: SessionUpdate) -> None:
         s, eid = event.session, event.event_id
         fields = s.model_fields_set
         # 1. validate everything, apply nothing
-        _check_modalities(s.output_modalities, "session.output_modalities", eid)
-        _check_modalities(s.modalities, "session.modalities", eid)
+        modality = self.modality
+        for name in ("output_modalities", "modalities"):
+            modality = _modality(getattr(s, name), f"session.{name}", eid) or modality
         _check_beta_format(s.input_audio_format, "session.input_audio_format", eid)
         _check_beta_format(s.output_audio_format, "session.output_audio_format", eid)
         voice_name = _voice_name(s.voice)
@@ -558,6 +605,9 @@ class RealtimeConnection:
                     voice_name, voice_param = _voice_name(audio.output.voice), "session.audio.output.voice"
         new_td = self._turn_detection(td, td_param, eid) if td_given else self.turn_detection
         voice = await self._resolve_voice(voice_name, voice_param, eid) if voice_name else self.voice
+        if voice is None and voice_name:
+            log.info("realtime session %s: voice %r stands for the default voice, and none is configured",
+                     self.session_id, voice_name)
         max_tokens = self.max_output_tokens
         for name in ("max_output_tokens", "max_response_output_tokens"):
             if name in fields:
@@ -576,8 +626,9 @@ class RealtimeConnection:
                                         "input audio buffer yourself", param=td_param, event_id=eid) from None
         # 2. apply
         if voice is not self.voice:
-            await asyncio.to_thread(self.conv.set_voice, voice)
             self.voice = voice
+            await self.conv.set_voice(self._engine_voice())
+        self.modality = modality
         if "instructions" in fields and (s.instructions or None) != self.instructions:
             self.instructions = s.instructions or None
             await self._edit_context(functools.partial(self.conv.set_instructions, self.instructions))
@@ -590,22 +641,29 @@ class RealtimeConnection:
             self.turn_detection, self.vad, self.vad_item_id = new_td, vad, None
         await self._send(self.events.session_updated(self._session_payload()))
 
-    async def _edit_context(self, op: Callable[[], None]) -> None:
-        """Context edits wait for a running reply: the engine's row must not change under it."""
+    async def _edit_context(self, op: Callable[[], Awaitable[Any]]) -> None:
+        """Context edits wait for a running reply, so its item keeps the context it was made in."""
         if self.response is not None:
             self.deferred.append(op)
         else:
-            await asyncio.to_thread(op)
+            await op()
 
     # --- input audio ----------------------------------------------------------------------------------------
 
     async def _append(self, event: InputAudioBufferAppend) -> None:
         room = self.max_buffer_bytes - len(self.buffer)
-        pcm = b64_to_pcm(event.audio, max_bytes=max(room, 0) + 4, event_id=event.event_id)
-        if len(pcm) > room:
+        try:  # the size check runs on the base64 length, before decoding: +4 covers its padding
+            pcm: bytes | None = b64_to_pcm(event.audio, max_bytes=max(room, 0) + 4, event_id=event.event_id)
+        except ProtocolError as exc:
+            if exc.code != ErrorCode.AUDIO_TOO_LARGE:
+                raise
+            pcm = None  # reported below with the buffer's real limit, not the room left in it
+        if pcm is None or len(pcm) > room:
+            limit_s = self.max_buffer_bytes / (SAMPLE_RATE * SAMPLE_WIDTH)
             raise ProtocolError(ErrorCode.AUDIO_TOO_LARGE,
-                                f"the input audio buffer would exceed {self.max_buffer_bytes // (SAMPLE_RATE * 2)} s; "
-                                "commit or clear it first", param="audio", event_id=event.event_id)
+                                f"the input audio buffer holds at most {limit_s:g} s of audio (max_audio_seconds) "
+                                f"and has {len(self.buffer) / (SAMPLE_RATE * SAMPLE_WIDTH):.1f} s; commit or clear "
+                                "it first", param="audio", event_id=event.event_id)
         self.buffer.extend(pcm)
         self.input_ms_total += len(pcm) * 1000 / (SAMPLE_RATE * SAMPLE_WIDTH)
         if self.vad is not None:
@@ -613,7 +671,9 @@ class RealtimeConnection:
 
     async def _run_vad(self, pcm: bytes) -> None:
         cfg = self.turn_detection
-        for kind, ms in self.vad.push(pcm):
+        # ~12 ms of CPU per second of audio (resampling + Silero): off the event loop, which every session shares
+        # (onnxruntime releases the GIL). Appends are handled one at a time, so the detector sees them in order.
+        for kind, ms in await asyncio.to_thread(self.vad.push, pcm):
             if kind == "start":
                 self.vad_item_id = new_id("item")
                 start = max(0, ms - cfg["prefix_padding_ms"])
@@ -621,16 +681,25 @@ class RealtimeConnection:
                 drop = max(0, (start - self.buffer_start_ms) * SAMPLE_RATE // 1000) * SAMPLE_WIDTH
                 del self.buffer[:min(drop, len(self.buffer))]
                 self.buffer_start_ms = max(self.buffer_start_ms, start)
+                interrupted = self.response if cfg["interrupt_response"] else None
+                cut = self._barge_in(interrupted) if interrupted is not None else None
+                # the reply is cancelled (nothing more of it goes out) before the client hears of the speech
                 await self._send(self.events.speech_started(self.vad_item_id, start))
-                if cfg["interrupt_response"] and self.response is not None:
-                    self._cancel(self.response, "turn_detected")
+                if cut is not None:
+                    await self._send(self.events.item_truncated(interrupted.item_id, 0, cut))
             else:
                 item_id, self.vad_item_id = self.vad_item_id or new_id("item"), None
                 await self._send(self.events.speech_stopped(item_id, ms))
                 if await self._commit_buffer(item_id, None) and cfg["create_response"]:
                     await self._await_cancelled()
                     if self.response is None:
-                        self._start_response(None, None)
+                        try:
+                            if self.modality == "audio":
+                                self._require_voice(None)
+                        except ProtocolError as exc:
+                            await self._send_error(exc)
+                        else:
+                            self._start_response(None, None)
         if not self.vad.speaking:  # between turns keep only the prefix padding
             keep = cfg["prefix_padding_ms"] * SAMPLE_RATE // 1000 * SAMPLE_WIDTH
             if len(self.buffer) > keep:
@@ -654,9 +723,9 @@ class RealtimeConnection:
         if audio_ms(len(pcm)) < MIN_COMMIT_MS:
             return False
         rate = self.engine.processor.audio_sample_rate
-        clip = resample(pcm16_to_float(pcm), SAMPLE_RATE, rate)  # outside the engine lock
+        clip = await asyncio.to_thread(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)  # off the event loop
         try:
-            turns = await asyncio.to_thread(self._add_turns, [(self.conv.add_user_audio, (clip, rate))])
+            turns = await self._add_turns([(self.conv.add_user_audio, (clip, rate))])
         except (ValueError, ConversationError) as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"the input audio cannot be used: {exc}",
                                 event_id=event_id) from None
@@ -679,42 +748,41 @@ class RealtimeConnection:
 
     # --- items ----------------------------------------------------------------------------------------------
 
-    def _add_turns(self, calls: list[tuple[Callable, tuple]]) -> list[Turn]:
-        """Run Conversation.add_* calls and return the turns they appended (atomic under the engine lock)."""
-        turns: list[Turn] = []
-        with self.engine.lock:
-            try:
-                for fn, args in calls:
-                    fn(*args)
-                    turns.append(self.conv.turns[-1])
-            except Exception:
-                self._drop_turns(turns)  # all of the item or nothing
-                raise
+    async def _add_turns(self, calls: list[tuple[Callable, tuple]]) -> list[TurnRef]:
+        """Run Conversation.add_* calls (queued in order) and return their turns: all of the item or nothing."""
+        pending = [fn(*args) for fn, args in calls]
+        results = await asyncio.gather(*pending, return_exceptions=True)
+        turns = [r for r in results if isinstance(r, TurnRef)]
+        failed = next((r for r in results if isinstance(r, BaseException)), None)
+        if failed is not None:
+            self._drop_turns(turns)
+            raise failed
         return turns
 
-    def _drop_turns(self, turns: list[Turn]) -> None:
+    def _drop_turns(self, turns: list[TurnRef]) -> Awaitable[Any]:
         """Remove turns from the context; the KV cache stays valid up to the first removed turn."""
-        if self.conv is not None:
-            self.conv.remove_turns(turns)
+        if self.conv is not None and turns:
+            return self.conv.remove_turns(turns)
+        return asyncio.sleep(0)
 
-    def _prune_items(self) -> None:
+    async def _prune_items(self) -> None:
         """Forget turns the engine dropped from the context (long sessions), and the oldest items beyond a cap."""
-        alive = {id(t) for t in self.conv.turns}
+        alive = {t.id for t in (await self.conv.inspect()).turns}
         for item in self.items:
             if item.turns:
-                item.turns = [t for t in item.turns if id(t) in alive]
+                item.turns = [t for t in item.turns if t.id in alive]
         if len(self.items) > MAX_ITEMS:
             del self.items[: len(self.items) - MAX_ITEMS]
 
     def _item_body(self, item: _Item) -> dict[str, Any]:
         return self.events.message_item(item.id, item.role, item.content, item.status)
 
-    def _find(self, item_id: str, event_id: str | None) -> _Item:
+    def _find(self, item_id: str, event_id: str | None, code: str, param: str = "item_id") -> _Item:
+        """The item by id; else the error `code` OpenAI sends for this event (e.g. item_truncate_invalid_item_id)."""
         for item in self.items:
             if item.id == item_id:
                 return item
-        raise ProtocolError(ErrorCode.ITEM_NOT_FOUND, f"no item with id {item_id!r}", param="item_id",
-                            event_id=event_id)
+        raise ProtocolError(code, f"Item with item_id not found: {item_id}", param=param, event_id=event_id)
 
     async def _item_create(self, event: ConversationItemCreate) -> None:
         item, eid = event.item, event.event_id
@@ -729,7 +797,7 @@ class RealtimeConnection:
                                 param="item.content", event_id=eid)
         previous = self.items[-1].id if self.items else None
         if event.previous_item_id not in (None, previous) and not (event.previous_item_id == "root" and not self.items):
-            self._find(event.previous_item_id, eid)  # unknown id -> item_not_found
+            self._find(event.previous_item_id, eid, ErrorCode.ITEM_NOT_FOUND, "previous_item_id")
             raise ProtocolError(ErrorCode.UNSUPPORTED, "items can only be appended at the end of the conversation",
                                 param="previous_item_id", event_id=eid)
         if item.id is not None and any(i.id == item.id for i in self.items):
@@ -784,7 +852,7 @@ class RealtimeConnection:
         if user_parts:  # one user turn, its parts in order, as the chat template renders a message
             calls.append((conv.add_user_message, (user_parts,)))
         try:
-            turns = await asyncio.to_thread(self._add_turns, calls)
+            turns = await self._add_turns(calls)
         except (ValueError, ConversationError) as exc:
             raise ProtocolError(ErrorCode.INVALID_VALUE, f"the item cannot be added: {exc}", param="item",
                                 event_id=eid) from None
@@ -796,7 +864,7 @@ class RealtimeConnection:
 
     async def _item_truncate(self, event: ConversationItemTruncate) -> None:
         eid = event.event_id
-        item = self._find(event.item_id, eid)
+        item = self._find(event.item_id, eid, ErrorCode.ITEM_TRUNCATE_INVALID_ID)
         if not item.audio:
             raise ProtocolError(ErrorCode.INVALID_VALUE, "only assistant audio items made by a response can be "
                                 "truncated", param="item_id", event_id=eid)
@@ -806,17 +874,25 @@ class RealtimeConnection:
         if item is not self.latest_audio_item:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "only the most recent assistant audio item can be truncated",
                                 param="item_id", event_id=eid)
-        if item.finished and event.audio_end_ms > item.audio_ms + 1e-6:
-            raise ProtocolError(ErrorCode.INVALID_VALUE, f"audio_end_ms ({event.audio_end_ms}) is longer than the "
-                                f"item's audio ({item.audio_ms:.0f} ms)", param="audio_end_ms", event_id=eid)
-        if item.submitted and (item.turns or not item.finished):
-            kept = await asyncio.to_thread(self.conv.truncate, float(event.audio_end_ms))
-            if item.finished:  # otherwise the running reply applies it when it ends
-                item.content = [self.events.assistant_audio_content(kept)]
-        await self._send(self.events.item_truncated(item.id, 0, event.audio_end_ms))
+        # Past the audio that was sent (or past an earlier cut, the server's barge-in included) is clamped there:
+        # the context cannot hold more than the client was given.
+        end = float(event.audio_end_ms)
+        resp = self.response
+        if not item.finished and resp is not None and resp.item_id == item.id:  # running: ends cancelled, cut here
+            end = min(end, resp.sent_ms(), resp.cut_ms if resp.cut_ms is not None else math.inf)
+            resp.cut_ms = end
+            self._cancel(resp, "client_cancelled")
+        else:
+            end = min(end, item.audio_ms, item.cut_ms if item.cut_ms is not None else math.inf)
+            if item.submitted and item.turns and (item.cut_ms is None or end < item.cut_ms):
+                kept = await self.conv.truncate(end)
+                if kept is not None:
+                    item.content = [self.events.assistant_audio_content(kept)]
+            item.cut_ms = end
+        await self._send(self.events.item_truncated(item.id, 0, int(end)))
 
     async def _item_delete(self, event: ConversationItemDelete) -> None:
-        item = self._find(event.item_id, event.event_id)
+        item = self._find(event.item_id, event.event_id, ErrorCode.ITEM_DELETE_INVALID_ID)
         resp = self.response
         if resp is not None and resp.item_id == item.id:
             self._cancel(resp, "client_cancelled")
@@ -827,7 +903,7 @@ class RealtimeConnection:
         await self._send(self.events.item_deleted(item.id))
 
     async def _item_retrieve(self, event: ConversationItemRetrieve) -> None:
-        item = self._find(event.item_id, event.event_id)
+        item = self._find(event.item_id, event.event_id, ErrorCode.ITEM_RETRIEVE_INVALID_ID)
         await self._send(self.events.item_retrieved(self._item_body(item)))
 
     # --- responses ------------------------------------------------------------------------------------------
@@ -841,11 +917,14 @@ class RealtimeConnection:
                                 "creating a new one.", event_id=eid)
         p = event.response
         if p is None:
+            if self.modality == "audio":
+                self._require_voice(eid)
             self._start_response(eid, None)
             return
         fields = p.model_fields_set
-        _check_modalities(p.output_modalities, "response.output_modalities", eid)
-        _check_modalities(p.modalities, "response.modalities", eid)
+        modality = self.modality
+        for name in ("output_modalities", "modalities"):
+            modality = _modality(getattr(p, name), f"response.{name}", eid) or modality
         if p.conversation not in (None, "auto"):
             raise ProtocolError(ErrorCode.UNSUPPORTED, "out-of-band responses (conversation != 'auto') are not "
                                 "supported", param="response.conversation", event_id=eid)
@@ -853,25 +932,28 @@ class RealtimeConnection:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "response.input is not supported; add items with "
                                 "conversation.item.create", param="response.input", event_id=eid)
         voice = _voice_name(p.voice) or (_voice_name(p.audio.output.voice) if p.audio and p.audio.output else None)
-        if voice is not None and voice not in OPENAI_VOICES and (self.voice is None or voice != self.voice.name):
+        if voice is not None and not is_stock_voice(voice) and (self.voice is None or voice != self.voice.name):
             raise ProtocolError(ErrorCode.UNSUPPORTED, "a per-response voice is not supported; change the voice "
                                 "with session.update", param="response.voice", event_id=eid)
         if p.audio and p.audio.output:
             _check_format(p.audio.output.format, "response.audio.output.format", eid)
+        if modality == "audio":
+            self._require_voice(eid)
         max_tokens = None
         for name in ("max_output_tokens", "max_response_output_tokens"):
             if name in fields and getattr(p, name) is not None:
                 max_tokens = getattr(p, name)
-        self._start_response(eid, p, max_tokens=max_tokens)
+        self._start_response(eid, p, max_tokens=max_tokens, modality=modality)
 
-    def _start_response(self, event_id: str | None, params, max_tokens: int | str | None = None) -> None:
+    def _start_response(self, event_id: str | None, params, max_tokens: int | str | None = None,
+                        modality: Modality | None = None) -> None:
         tokens = max_tokens if max_tokens is not None else self.max_output_tokens
         resp = _Response(
             id=new_id("resp"), item_id=new_id("item"), event_id=event_id,
             metadata=params.metadata if params else None,
             instructions=(params.instructions or None) if params else None,
             max_frames=_max_frames(tokens, self.settings.default_max_frames), max_output_tokens=tokens,
-            sampling=self._sampling(params.temperature if params else None),
+            sampling=self._sampling(params.temperature if params else None), modality=modality or self.modality,
         )
         self.response = resp
         resp.task = asyncio.create_task(self._run_response(resp), name=f"realtime-{resp.id}")
@@ -883,10 +965,25 @@ class RealtimeConnection:
             await asyncio.wait([resp.task], timeout=RESPONSE_STOP_WAIT_S)
 
     def _cancel(self, resp: _Response, reason: str) -> None:
+        """Stop a reply now: no delta of it is sent after this returns (the reply task checks the flag under the
+        send lock), so call it before acknowledging whatever caused it."""
         if not resp.cancel_requested:
             resp.cancel_requested, resp.cancel_reason = True, reason
         if self.conv is not None:
             self.conv.cancel()
+
+    def _barge_in(self, resp: _Response) -> int | None:
+        """Server VAD heard the user over a reply: cancel it, and keep of it what can have been played.
+
+        Returns the `audio_end_ms` the item is truncated to (the audio sent, and no more than real-time playback
+        since its first delta), or None when none of its audio went out.
+        """
+        self._cancel(resp, "turn_detected")
+        if resp.modality != "audio" or resp.frames_sent == 0:
+            return None
+        heard = int(resp.heard_ms())
+        resp.cut_ms = heard if resp.cut_ms is None else min(resp.cut_ms, heard)
+        return int(resp.cut_ms)
 
     async def _response_cancel(self, event: ResponseCancel) -> None:
         resp = self.response
@@ -896,40 +993,52 @@ class RealtimeConnection:
                                 event_id=event.event_id)
         self._cancel(resp, "client_cancelled")
 
+    def _response_body(self, resp: _Response, **fields: Any) -> dict[str, Any]:
+        return self.events.response(resp.id, metadata=resp.metadata, voice=self.voice.name if self.voice else None,
+                                    max_output_tokens=resp.max_output_tokens, modality=resp.modality, **fields)
+
     async def _run_response(self, resp: _Response) -> None:
         ev, conv = self.events, self.conv
+        audio = resp.modality == "audio"
+
+        def cancelled() -> bool:
+            return resp.cancel_requested
+
         try:
-            await self._send(ev.response_created(ev.response(resp.id, metadata=resp.metadata,
-                                                             voice=self.voice.name,
-                                                             max_output_tokens=resp.max_output_tokens)))
+            await self._send(ev.response_created(self._response_body(resp)))
             previous = self.items[-1].id if self.items else None
-            item = _Item(resp.item_id, "assistant", [ev.assistant_audio_content(None)], status="in_progress",
-                         audio=True, finished=False)
+            content = ev.assistant_audio_content(None) if audio else ev.assistant_text_content("")
+            item = _Item(resp.item_id, "assistant", [content], status="in_progress", audio=audio, finished=False)
             self.items.append(item)
-            self.latest_audio_item = item
+            # only the latest reply's item can be truncated (the engine truncates its latest reply)
+            self.latest_audio_item = item if audio else None
             await self._send(ev.output_item_added(resp.id, {**self._item_body(item), "content": []}))
             await self._send(ev.item_added({**self._item_body(item), "content": []}, previous))
-            await self._send(ev.content_part_added(resp.id, item.id))
+            await self._send(ev.content_part_added(resp.id, item.id, modality=resp.modality))
 
             done: ResponseDone | None = None
             failure: str | None = None
             parts: list[str] = []
-            frames = 0
             started = False
             if not resp.cancel_requested:
                 started = item.submitted = True  # respond() submits synchronously on its first step
                 try:
-                    gen = conv.respond(resp.instructions, max_frames=resp.max_frames, sampling=resp.sampling)
+                    gen = conv.respond(resp.instructions, max_frames=resp.max_frames, sampling=resp.sampling,
+                                       output_audio=audio)
                     async with contextlib.aclosing(gen):
                         async for out in gen:
                             if resp.cancel_requested:
-                                conv.cancel()
+                                conv.cancel()  # then drain to ResponseDone: nothing more is sent
                             if isinstance(out, AudioChunk):
-                                frames += 1
-                                await self._send(ev.audio_delta(resp.id, item.id, out.pcm16()))
+                                if await self._send(ev.audio_delta(resp.id, item.id, out.pcm16()), unless=cancelled):
+                                    resp.frames_sent += 1
+                                    item.audio_ms = resp.sent_ms()
+                                    if resp.first_sent_at is None:
+                                        resp.first_sent_at = time.monotonic()
                             elif isinstance(out, TextDelta):
-                                parts.append(out.text)
-                                await self._send(ev.transcript_delta(resp.id, item.id, out.text))
+                                delta = (ev.transcript_delta if audio else ev.text_delta)(resp.id, item.id, out.text)
+                                if await self._send(delta, unless=cancelled):
+                                    parts.append(out.text)
                             elif isinstance(out, ResponseDone):
                                 done = out
                             elif isinstance(out, ResponseError):
@@ -937,7 +1046,7 @@ class RealtimeConnection:
                 except (ValueError, ConversationError) as exc:  # refused before it started (context, limits)
                     item.submitted = False
                     failure = str(exc)
-            await self._finish_response(resp, item, previous, done, failure, parts, frames, started)
+            await self._finish_response(resp, item, previous, done, failure, parts, started)
         except (_Disconnected, asyncio.CancelledError):
             pass
         except Exception:
@@ -952,58 +1061,80 @@ class RealtimeConnection:
         while self.deferred:
             op = self.deferred.pop(0)
             try:
-                op()
+                op()  # queued in order by the engine; nobody waits for it here
             except Exception:
                 log.exception("realtime session %s: a deferred context edit failed", self.session_id)
 
+    def _cut_point(self, resp: _Response, done: ResponseDone) -> float | None:
+        """Where the ended reply's context must be cut: what was sent of a cancelled reply, or an explicit cut."""
+        cut = resp.cut_ms
+        produced = len(done.frame_steps)
+        if resp.modality == "audio" and resp.cancel_requested and resp.frames_sent < produced:
+            cut = resp.sent_ms() if cut is None else min(cut, resp.sent_ms())
+        return cut
+
     async def _finish_response(self, resp: _Response, item: _Item, previous: str | None, done: ResponseDone | None,
-                               failure: str | None, parts: list[str], frames: int, started: bool) -> None:
+                               failure: str | None, parts: list[str], started: bool) -> None:
         ev, conv = self.events, self.conv
-        reply = conv.last_reply if started else None
         details = None
         if failure is not None:
             status, details = "failed", {"type": "failed", "error": {"type": "server_error", "code": "engine_error",
                                                                      "message": failure}}
-        elif done is None or done.reason == "cancelled":
+        elif done is None or done.reason == "cancelled" or resp.cancel_requested:
             status, details = "cancelled", {"type": "cancelled", "reason": resp.cancel_reason}
         elif done.reason == "completed":
             status = "completed"
         else:  # max_frames: the output token limit
             status, details = "incomplete", {"type": "incomplete", "reason": "max_output_tokens"}
-        # the reply's kept text (a truncation that arrived before this point is already applied to it)
-        transcript = reply.spoken_text if reply is not None and done is not None else "".join(parts)
+        # Keep in the context only what the client was sent (and, after a barge-in, what it could have played).
+        # A client truncate may arrive while this runs: apply cuts until none is left.
+        # the reply's kept text (a truncation that arrived before it ended is already applied to it)
+        transcript = done.text if done is not None else "".join(parts)
+        applied: float | None = None
+        while started and done is not None and failure is None:
+            cut = self._cut_point(resp, done)
+            if cut is None or (applied is not None and cut >= applied):
+                break
+            kept = await conv.truncate(cut)
+            if kept is not None:
+                transcript = kept
+            applied = item.cut_ms = cut
         item.status = "completed" if status == "completed" else "incomplete"
-        item.content = [ev.assistant_audio_content(transcript)]
-        item.audio_ms = frames * 80.0
-        item.turns = [reply.turn] if reply is not None and failure is None else []
+        if resp.modality == "audio":
+            item.content = [ev.assistant_audio_content(transcript)]
+        else:
+            item.content = [ev.assistant_text_content(transcript)]
+        item.audio_ms = resp.sent_ms()
+        item.turns = [done.turn] if started and done is not None and done.turn is not None and failure is None \
+            else []
         item.finished = True
         usage = None
         if done is not None:
             self.metrics.reply_done(done)
-            audio_id = self.engine.processor.audio_token_id
-            context = conv.context_ids[: reply.context_len] if reply is not None else []
-            n_audio = sum(1 for t in context if t == audio_id)
+            n_audio = done.usage.audio_prompt_tokens
             n_input = done.usage.prompt_tokens + done.usage.cached_tokens
             usage = ev.usage(input_text=max(n_input - n_audio, 0), input_audio=n_audio,
                              cached=done.usage.cached_tokens, output_text=done.usage.text_tokens,
-                             output_audio=done.usage.audio_frames)
+                             output_audio=resp.frames_sent)
         elif failure is not None:
             self.metrics.errors.labels("realtime_reply_failed").inc()
         body = self._item_body(item)
-        await self._send(ev.audio_done(resp.id, item.id))
-        await self._send(ev.transcript_done(resp.id, item.id, transcript))
-        await self._send(ev.content_part_done(resp.id, item.id, transcript))
+        if resp.modality == "audio":
+            await self._send(ev.audio_done(resp.id, item.id))
+            await self._send(ev.transcript_done(resp.id, item.id, transcript))
+        else:
+            await self._send(ev.text_done(resp.id, item.id, transcript))
+        await self._send(ev.content_part_done(resp.id, item.id, transcript, modality=resp.modality))
         await self._send(ev.output_item_done(resp.id, body))
         await self._send(ev.item_done(body, previous))
-        final = ev.response_done(ev.response(
-            resp.id, status=status, output=[body], metadata=resp.metadata, usage=usage, status_details=details,
-            voice=self.voice.name, max_output_tokens=resp.max_output_tokens))
-        self._prune_items()
+        final = ev.response_done(self._response_body(resp, status=status, output=[body], usage=usage,
+                                                     status_details=details))
+        await self._prune_items()
         # the next response.create may follow response.done at once: settle the context first
         while self.deferred:
             op = self.deferred.pop(0)
             try:
-                await asyncio.to_thread(op)
+                await op()
             except Exception:
                 log.exception("realtime session %s: a deferred context edit failed", self.session_id)
         self.response = None

@@ -12,6 +12,9 @@ from fastapi import FastAPI
 
 from chroma_agent.engine.engine import Engine
 from chroma_agent.server.app import create_app
+from chroma_agent.server.connections import CleanRefusalWebSocketProtocol, guarded_http_protocol
+from chroma_agent.server.memory import limit_heap_growth
+from chroma_agent.server.security import install_log_redaction
 from chroma_agent.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -41,14 +44,23 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def _config(app: FastAPI, settings: ServerSettings, log_level: str) -> uvicorn.Config:
+    http = guarded_http_protocol(header_timeout_s=settings.header_timeout_s,
+                                 max_header_bytes=settings.max_header_bytes,
+                                 max_connections=settings.max_connections)
     # uvicorn's own frame limit sits above ours, so an oversized message gets our clear error, not a bare 1009.
-    return uvicorn.Config(app, log_level=log_level, ws_max_size=2 * settings.max_ws_message_bytes,
-                          timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S, server_header=False)
+    config = uvicorn.Config(app, log_level=log_level, ws_max_size=2 * settings.max_ws_message_bytes,
+                            timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN_S, server_header=False,
+                            http=http, ws=CleanRefusalWebSocketProtocol)
+    # After uvicorn.Config: it (re)configures uvicorn's loggers and handlers, and the filter must sit on them.
+    install_log_redaction(settings.api_key)
+    return config
 
 
 def serve(engine: Engine, settings: ServerSettings, sock: socket.socket, *, log_level: str = "info") -> None:
     """Serve until interrupted (Ctrl-C / SIGTERM); the caller closes the engine afterwards."""
     server = uvicorn.Server(_config(create_app(engine, settings), settings, log_level))
+    # Process-wide, so only here where the server owns the process (not in ServerThread, which embeds it).
+    limit_heap_growth()
     host, port = sock.getsockname()[:2]
     log.info("serving %s on http://%s:%d (API key %s, %d engine slots)", settings.model_name, host, port,
              "required" if settings.api_key else "off", engine.config.max_sessions)

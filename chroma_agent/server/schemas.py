@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator
 
-#: What `audio_format` may name: a WAV file, or raw 16-bit little-endian mono PCM ("pcm" is OpenAI's word).
-AudioFormat = Literal["wav", "pcm16", "pcm"]
+#: What `audio_format` / `audio.format` may name: OpenAI's output formats ("pcm" is FlashLabs' word for pcm16).
+AudioFormat = Literal["wav", "pcm16", "pcm", "mp3", "flac", "opus", "aac"]
 
 
 class _Request(BaseModel):
@@ -78,9 +78,15 @@ class UserMessageParam(_Request):
     content: str | list[ContentPart] = Field(description="text, or parts; audio is accepted only here")
 
 
+class AudioRef(_Request):
+    id: str = Field(min_length=1, max_length=128, description="message.audio.id of an earlier reply")
+
+
 class AssistantMessageParam(_Request):
     role: Literal["assistant"]
     content: str | list[TextPart] | None = Field(None, description="an earlier reply's transcript")
+    audio: AudioRef | None = Field(None, description="an earlier reply with audio, by its id: its transcript is "
+                                   "used (while the reply's expires_at has not passed)")
 
 
 _ROLE_TAGS = {"system": "system-message", "developer": "system-message", "user": "user-message",
@@ -100,10 +106,14 @@ ChatMessage = Annotated[
 ]
 
 
-class OutputAudio(_Request):
-    """OpenAI's `audio` request parameter; `voice` names a stored voice here."""
+class VoiceRef(_Request):
+    id: str = Field(description="a stored voice's name")
 
-    voice: str | None = None
+
+class OutputAudio(_Request):
+    """OpenAI's `audio` request parameter; `voice` is a stored voice, or an OpenAI name (the default voice)."""
+
+    voice: str | VoiceRef | None = None
     format: AudioFormat | None = None
 
     @field_validator("format", mode="before")
@@ -118,12 +128,12 @@ class ChatCompletionRequest(_Request):
         json_schema_extra={"dependentRequired": {"prompt_text": ["prompt_audio"], "prompt_audio": ["prompt_text"]}},
     )
 
-    model: str = Field(description="the served model's id or one of its aliases (see GET /v1/models)")
+    model: str = Field(description="any name: the served model answers (replies report its id)")
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False  # strict: "yes" or 1 is a mistake to report, not to guess
     stream_options: dict[str, Any] | None = Field(None, description="accepted; usage is always in the last chunk")
-    max_tokens: int | None = Field(None, ge=1, le=100_000, description="reply length limit in 80 ms audio frames")
-    max_completion_tokens: int | None = Field(None, ge=1, le=100_000, description="OpenAI's name for max_tokens")
+    max_tokens: StrictInt | None = Field(None, ge=1, le=100_000, description="reply length limit in 80 ms audio frames")
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=100_000, description="OpenAI's name for max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0 switches top-k off")
@@ -131,14 +141,16 @@ class ChatCompletionRequest(_Request):
     n: int = Field(1, ge=1, le=1, description="only one choice per request")
     user: str | None = None
     modalities: list[Literal["text", "audio"]] | None = Field(
-        None, description='OpenAI\'s output modalities; without "audio" no audio is returned'
+        None, description='OpenAI\'s output modalities: audio is returned when they include "audio"'
     )
     audio: OutputAudio | None = None
     voice: str | None = Field(None, description="a stored voice (GET /v1/voices); default: the server's voice")
     prompt_text: str | None = Field(None, description="transcript of prompt_audio; both or neither")
     prompt_audio: str | None = Field(None, description="a clip of the voice to clone for this request only")
-    return_audio: bool = True
-    audio_format: AudioFormat = "wav"
+    return_audio: bool | None = Field(
+        None, description="FlashLabs: whether audio is returned. Default: when modalities include audio, or "
+        "voice / prompt_audio / prompt_text is given; otherwise the reply is text only")
+    audio_format: AudioFormat | None = Field(None, description="FlashLabs' name for audio.format (default wav)")
 
     @field_validator("audio_format", mode="before")
     @classmethod
@@ -149,18 +161,24 @@ class ChatCompletionRequest(_Request):
 # --- chat completions: response ------------------------------------------------------------------------
 
 
+def _none(value: Any) -> bool:
+    return value is None
+
+
 class ReplyAudio(BaseModel):
     """OpenAI's `message.audio`."""
 
-    id: str
-    data: str = Field(description="base64 of the reply audio in the requested audio_format")
+    id: str = Field(description="refer to this reply in later requests as {role: assistant, audio: {id}}")
+    data: str = Field(description="base64 of the reply audio in the requested format")
     transcript: str
-    expires_at: int
+    expires_at: int = Field(description="Unix time after which `id` can no longer be referred to")
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str = Field(description="the reply's transcript")
+    content: str | None = Field(description="the reply's text; null when audio was asked for OpenAI's way "
+                                "(modalities), the transcript is then in audio.transcript")
+    refusal: None = None
     audio: ReplyAudio | None = None
 
 
@@ -202,15 +220,20 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[Choice]
     usage: Usage
-    audio: str | None = Field(None, description="FlashLabs: base64 of the reply audio (absent without audio)")
-    audio_format: AudioFormat | None = None
-    sample_rate: int | None = None
+    audio: str | None = Field(None, exclude_if=_none, description="FlashLabs: base64 of the reply audio (only for "
+                              "requests with FlashLabs' fields)")
+    audio_format: AudioFormat | None = Field(None, exclude_if=_none)
+    sample_rate: int | None = Field(None, exclude_if=_none)
     timings: ReplyTimings
 
 
 class DeltaAudio(BaseModel):
     id: str
-    data: str = Field(description="base64 of one 80 ms frame: 16-bit little-endian mono PCM at sample_rate")
+    data: str | None = Field(None, description="base64 of the next piece of the reply audio (pcm16 and wav: one "
+                             "80 ms frame of 16-bit little-endian mono PCM at 24 kHz)")
+    transcript: str | None = Field(None, description="transcript text (requests that ask for audio with "
+                                   "modalities)")
+    expires_at: int | None = Field(None, description="in the last audio delta")
 
 
 class Delta(BaseModel):

@@ -29,8 +29,6 @@ from chroma_agent.server.security import require_api_key
 
 log = logging.getLogger(__name__)
 
-#: Names a request may give as `model` besides `settings.model_name`.
-MODEL_ALIASES = ("FlashLabs/Chroma-4B", "chroma")
 _STARTED = int(time.time())
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Probed every few seconds by load balancers and Prometheus: their successes would drown the log.
@@ -128,10 +126,19 @@ class ProtectedRoute(InstrumentedRoute):
     requires_api_key = True
 
 
+def served_names(request: Request) -> list[str]:
+    """The served model's id, then its aliases (`ServerSettings.model_aliases`)."""
+    settings = request.app.state.settings
+    return [settings.model_name, *(a for a in settings.model_aliases if a != settings.model_name)]
+
+
 def check_model(request: Request, model: str) -> None:
-    if model != request.app.state.settings.model_name and model not in MODEL_ALIASES:
-        raise APIError(404, f"model {model!r} is not served here (use {request.app.state.settings.model_name!r})",
-                       type="not_found_error", param="model", code="model_not_found")
+    """For GET /v1/models/{id}: only the listed names exist (chat completions accept any `model`)."""
+    if model not in served_names(request):
+        raise APIError(404, f"model {model!r} is not listed here (GET /v1/models); chat completions and the "
+                       f"realtime endpoint accept any model name and answer with "
+                       f"{request.app.state.settings.model_name!r}", type="not_found_error", param="model",
+                       code="model_not_found")
 
 
 # --- endpoints -----------------------------------------------------------------------------------------
@@ -161,9 +168,9 @@ async def metrics(request: Request) -> Response:
 
 @_models.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
 async def list_models(request: Request) -> ModelList:
-    """The served model, in OpenAI's list format (its aliases are accepted as `model` too)."""
-    return ModelList(data=[ModelCard(id=request.app.state.settings.model_name, created=_STARTED,
-                                     owned_by="flashlabs")])
+    """The served model and its aliases, in OpenAI's list format (requests may name any model)."""
+    return ModelList(data=[ModelCard(id=name, created=_STARTED, owned_by="flashlabs")
+                           for name in served_names(request)])
 
 
 @_models.get("/v1/models/{model:path}", response_model=ModelCard,

@@ -91,13 +91,14 @@ def _clone(engine: Engine, request: Request, body: VoiceCreate | VoiceUpload, au
     rate = engine.processor.voice_sample_rate
     if isinstance(body, VoiceUpload):
         try:
-            clip = load_audio(body.file, rate, max_seconds=min(MAX_CLIP_SECONDS, settings.max_audio_seconds))
+            clip = load_audio(body.file, rate, max_seconds=min(MAX_CLIP_SECONDS, settings.max_audio_seconds),
+                              max_samples=settings.max_audio_samples)
         except AudioError as exc:
             raise APIError(400, f"file: {exc}", param="file", code="invalid_audio") from None
     else:
         clip = load_request_audio(body.audio, rate, "audio", settings, max_seconds=MAX_CLIP_SECONDS)
     try:
-        return engine.create_voice(clip, body.transcript, body.name, sample_rate=rate, allow_paths=False)
+        return engine.create_voice(clip, body.transcript, body.name, sample_rate=rate, allow_paths=False).result()
     except VoiceError as exc:
         param = audio_field if str(exc).startswith("voice clip") else "transcript"
         raise APIError(400, f"{param}: {exc}", param=param) from None

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import math
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -98,8 +98,10 @@ class BackendConversation(Protocol):
 
     def cancel(self) -> None: ...
 
-    def truncate(self, heard_ms: float) -> str | None:
-        """Keep only what the listener heard of the latest reply; the kept transcript when known now."""
+    def truncate(self, heard_ms: float, on_kept: Callable[[str], None] | None = None) -> None:
+        """Keep only what the listener heard of the latest reply. A reply still running reports its kept
+        words in its `ResponseDone.text`; for one already over, `on_kept` gets them once known (from any
+        thread), if the backend learns them."""
         ...
 
     async def close(self) -> None: ...
@@ -269,7 +271,7 @@ class InProcessBackend:
                 profile = self._cloned.get(id(voice))
                 if profile is None:
                     profile = engine.create_voice(voice.audio, voice.text or "", name=voice.name,
-                                                  sample_rate=voice.sample_rate)
+                                                  sample_rate=voice.sample_rate).result()
                     self._cloned[id(voice)] = profile
                 return profile
         return engine.resolve_voice(voice.name)
@@ -289,9 +291,9 @@ class InProcessBackend:
         self, *, voice: VoiceSpec, instructions: str | None, sampling: SamplingOverrides
     ) -> InProcessConversation:
         def _open() -> Conversation:
-            engine = self._load_engine()
+            engine = self._load_engine()  # a lazy load can take minutes: a worker thread, not the loop
             profile = self.resolve_voice(voice)
-            return engine.open_conversation(profile, instructions, sampling=self.sampling_params(sampling))
+            return engine.open_conversation(profile, instructions, sampling=self.sampling_params(sampling)).result()
 
         task = asyncio.ensure_future(asyncio.to_thread(_open))
         try:
@@ -309,7 +311,7 @@ def _close_orphan(task: asyncio.Future[Conversation]) -> None:
 
 
 class InProcessConversation:
-    """A `BackendConversation` over an engine `Conversation` (blocking calls run in a worker thread)."""
+    """A `BackendConversation` over an engine `Conversation` (its commands never block the loop)."""
 
     def __init__(self, backend: InProcessBackend, conversation: Conversation):
         self._backend = backend
@@ -329,19 +331,19 @@ class InProcessConversation:
         return self._conv
 
     async def add_user_audio(self, pcm: np.ndarray, sample_rate: int) -> None:
-        await asyncio.to_thread(self._conv.add_user_audio, pcm, sample_rate)
+        await self._conv.add_user_audio(pcm, sample_rate)
 
     async def add_text(self, role: Role, text: str) -> None:
         add = {"user": self._conv.add_user_text, "assistant": self._conv.add_assistant_text,
                "system": self._conv.add_system_text}[role]
-        await asyncio.to_thread(add, text)
+        await add(text)
 
     async def set_instructions(self, text: str | None) -> None:
-        await asyncio.to_thread(self._conv.set_instructions, text)
+        await self._conv.set_instructions(text)
 
     async def set_voice(self, voice: VoiceSpec) -> None:
-        profile = await asyncio.to_thread(self._backend.resolve_voice, voice)
-        await asyncio.to_thread(self._conv.set_voice, profile)
+        profile = await asyncio.to_thread(self._backend.resolve_voice, voice)  # may read a file or clone
+        await self._conv.set_voice(profile)
 
     async def respond(
         self, *, instructions: str | None, max_seconds: float | None, sampling: SamplingOverrides
@@ -358,15 +360,23 @@ class InProcessConversation:
     def cancel(self) -> None:
         self._conv.cancel()
 
-    def truncate(self, heard_ms: float) -> str | None:
+    def truncate(self, heard_ms: float, on_kept: Callable[[str], None] | None = None) -> None:
         from chroma_agent.engine.conversation import ConversationError
 
-        try:  # None while the reply runs: it is truncated when it stops
-            return self._conv.truncate(max(0.0, float(heard_ms)))
-        except ConversationError as exc:  # no reply yet, or the conversation is closed
+        try:
+            pending = self._conv.truncate(max(0.0, float(heard_ms)))
+        except ConversationError as exc:  # the conversation is closed
             logger.debug("truncate ignored: %s", exc)
-            return None
+            return
+
+        def kept(job) -> None:
+            if job.exception() is not None:  # no reply yet
+                logger.debug("truncate ignored: %s", job.exception())
+            elif job.result() is not None and on_kept is not None:  # None: the running reply reports it
+                on_kept(job.result())
+
+        pending.add_done_callback(kept)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await asyncio.to_thread(self._conv.close)
+            await self._conv.close()

@@ -342,6 +342,7 @@ class _Generation:
     submitted: bool = False
     finished: bool = False
     text: str = ""  # the reply's words so far
+    kept: str | None = None  # what a truncation after the reply's end kept of them
 
     def __post_init__(self) -> None:
         self.audio_stream = _ConsumerStream(self.audio_ch, self.progress.set)
@@ -401,6 +402,7 @@ class RealtimeSession(llm.RealtimeSession):
         self._open_failed: BaseException | None = None  # a failure no retry can fix
         self._closed = False
         self._ops: asyncio.Queue[Callable[[], Coroutine[Any, Any, None]] | None] = asyncio.Queue()
+        self._loop = asyncio.get_event_loop()  # the session's loop: engine callbacks are handed to it
         self._generations: deque[_Generation] = deque(maxlen=16)
         self._reply_message_id: str | None = None  # the backend's latest reply
 
@@ -681,7 +683,8 @@ class RealtimeSession(llm.RealtimeSession):
                 await stream.aclose()  # type: ignore[attr-defined]
 
         if done is not None:
-            item.message.content = [done.text] if done.text else []
+            text = done.text if gen.kept is None else gen.kept  # a truncation may be applied before we get here
+            item.message.content = [text] if text else []
             self._emit_metrics(gen, done)
         if error is not None:
             if done is None:  # the turn never made it into the context
@@ -749,10 +752,21 @@ class RealtimeSession(llm.RealtimeSession):
             self._warn_once("truncate_old", "only the latest Chroma reply can be truncated (not %s)",
                             message_id)
             return
-        kept = self._conv.truncate(heard_ms)
         item = next((i for i in self._items if i.message.id == message_id), None)
-        if kept is not None and item is not None:
-            item.message.content = [kept] if kept else []
+        gen = next((g for g in self._generations if g.message_id == message_id), None)
+        loop = self._loop
+
+        def kept(text: str) -> None:  # may come from the engine's thread
+            def apply() -> None:
+                if gen is not None:
+                    gen.kept = text
+                if item is not None:
+                    item.message.content = [text] if text else []
+
+            with contextlib.suppress(RuntimeError):  # the session's loop is gone
+                loop.call_soon_threadsafe(apply)
+
+        self._conv.truncate(heard_ms, kept)
 
     # --- context ---------------------------------------------------------------------------------------
 

@@ -832,19 +832,20 @@ class RemoteConversation:
             with contextlib.suppress(APIConnectionError):
                 conn.send(ClientEvents.response_cancel(reply.response_id), quiet=True)
 
-    def truncate(self, heard_ms: float) -> str | None:
-        """Sent at once (or as soon as the reply's item is known); the kept words are not known here, so this
-        returns None: a running reply reports them in its `ResponseDone.text`."""
+    def truncate(self, heard_ms: float, on_kept: Callable[[str], None] | None = None) -> None:
+        """Sent at once (or as soon as the reply's item is known); the kept words are not known here (the
+        replay log learns them from the server), so `on_kept` is not called: a running reply reports them in
+        its `ResponseDone.text`."""
         reply = self._latest
         heard = max(0.0, float(heard_ms)) if math.isfinite(heard_ms) else 0.0
         if reply is None:
-            return None
+            return
         if reply.item_id is None:  # not sent or not started yet: truncated as soon as its item exists
             reply.truncate_ms = heard
-            return None
+            return
         conn = reply.conn
         if conn is None or not conn.alive or conn is not self._conn:
-            return None  # that server conversation is gone
+            return  # that server conversation is gone
         if reply.finished:
             heard = min(heard, reply.frames * FRAME_MS)
         try:
@@ -853,7 +854,6 @@ class RemoteConversation:
                 conn.send(ClientEvents.conversation_item_retrieve(reply.item_id), quiet=True)
         except APIConnectionError:
             pass
-        return None
 
     async def close(self) -> None:
         self._closed = True

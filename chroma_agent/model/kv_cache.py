@@ -3,7 +3,8 @@
 Shapes never change after allocation, so decode steps have fixed shapes (CUDA graphs, torch.compile).
 Each row is written at explicit slot indices; attention masks are derived from slot order, which lets a
 row hold a conversation of any length up to `capacity` while other rows hold others. Storage is
-slot-major ([layers, rows, slots, heads, dim]) so a write of any rows and slots is one `index_copy_`.
+slot-major ([layers, rows, slots, heads, dim]) so a write of any rows and slots is one `index_copy_`, and
+the first n rows of every layer are one contiguous block (`head(n)` is a view, never a copy).
 """
 
 from __future__ import annotations
@@ -26,12 +27,28 @@ class KVCache:
         shape = (num_layers, batch_size, capacity, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.capacity = capacity
-        self.batch_size = batch_size
+
+    @classmethod
+    def _of(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
 
     @property
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
+
+    def head(self, rows: int) -> KVCache:
+        """The first `rows` rows, sharing storage (a smaller batch bucket of the same cache)."""
+        return KVCache._of(self.k[:, :rows], self.v[:, :rows])
 
     def write(self, layer: int, rows: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k/v [B, H, T, D] of cache rows `rows` [B] at `slots` [B, T]."""
@@ -51,3 +68,9 @@ class KVCache:
         """Copy the first `length` slots of one row of `src` into a row of this cache (voice prefixes)."""
         self.k[:, dst_row, :length] = src.k[:, src_row, :length]
         self.v[:, dst_row, :length] = src.v[:, src_row, :length]
+
+    def clear_row(self, row: int) -> None:
+        """Zero one row. Masked attention still multiplies every slot by its (zero) weight, and 0 x NaN is NaN,
+        so a row that ever held a non-finite value must be scrubbed before anyone uses it again."""
+        self.k[:, row].zero_()
+        self.v[:, row].zero_()
