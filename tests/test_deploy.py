@@ -189,7 +189,8 @@ def test_the_image_command_starts_the_server(tmp_path):
         health = wait_healthy(proc, f"http://127.0.0.1:{port}/health")
         # No voice configured: the server runs, and a request that needs one is told how to give it one.
         no_voice = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
-                              json={"model": "chroma", "messages": [{"role": "user", "content": "Hello?"}]})
+                              json={"model": "chroma", "messages": [{"role": "user", "content": "Hello?"}],
+                                    "return_audio": True})
     finally:
         output = stop(proc)
     assert health["status"] == "ok" and health["model_loaded"]
