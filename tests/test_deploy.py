@@ -195,8 +195,8 @@ def test_the_image_command_starts_the_server(tmp_path):
         output = stop(proc)
     assert health["status"] == "ok" and health["model_loaded"]
     assert no_voice.status_code == 400 and no_voice.json()["error"]["code"] == "voice_required"
-    message = no_voice.json()["error"]["message"]
-    assert "prompt_audio" in message and "--voice-audio" in message and "`voice`" in message
+    error = no_voice.json()["error"]
+    assert error["param"] == "voice" and "prompt_audio" in error["message"] and "--voice-audio" in error["message"]
     assert "building the tiny random checkpoint" in output  # in the container user's cache, once
     assert (tmp_path / "home" / ".cache" / "chroma-agent" / "tiny" / "config.json").is_file()
 
