@@ -54,8 +54,12 @@ def test_a_full_realtime_buffer_names_its_real_limit(server):
     running = server(max_audio_seconds=1)
     with ws_client.connect(running.url.replace("http://", "ws://") + "/v1/realtime") as ws:
         _recv_type(ws, "session.created")
+        # without server VAD the buffer keeps everything appended (VAD keeps only the padding between turns)
+        ws.send(json.dumps({"type": "session.update", "session": {"type": "realtime", "audio": {
+            "input": {"turn_detection": None}}}}))
+        _recv_type(ws, "session.updated")
         silence = base64.b64encode(bytes(SECOND // 2)).decode()
-        for _ in range(2):  # exactly full: 1 s of silence (server VAD hears no speech, nothing is committed)
+        for _ in range(2):  # exactly full: 1 s of silence
             ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": silence}))
         for event_id, size in (("full", SECOND // 10), ("huge", 10 * SECOND)):
             ws.send(json.dumps({"type": "input_audio_buffer.append", "event_id": event_id,

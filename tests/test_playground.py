@@ -266,7 +266,7 @@ def test_offer_errors(make_engine, golden_voice):
         no_audio.createDataChannel("events")
         bad = await post_offer(app, no_audio)
         await no_audio.close()
-        busy_conv = engine.open_conversation()
+        busy_conv = await engine.open_conversation()
         with_audio = RTCPeerConnection()
         with_audio.addTrack(ClipMicrophone(silence(0.1, MIC_RATE)))
         busy = await post_offer(app, with_audio)

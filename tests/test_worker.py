@@ -186,9 +186,9 @@ def test_prewarm_loads_the_engine_once_and_reports_real_capacity(tiny_dir, golde
     assert second.userdata["engine"] is engine and list(chroma.loaded_engines().values()) == [engine]
     assert engine.config.max_sessions == 3 and engine.default_voice is not None
     assert first.userdata["vad"] is not None
-    conv = engine.open_conversation()
+    conv = engine.open_conversation().result()
     assert worker.worker_load(SimpleNamespace(active_jobs=[]), config=config) == 1 / 3
-    conv.close()
+    conv.close().result()
     assert worker.worker_load(SimpleNamespace(active_jobs=[]), config=config) == 0.0
 
 

@@ -186,7 +186,7 @@ class Response:
 class Conversation:
     """Made by `Engine.open_conversation`; every method is safe to call from any thread or loop."""
 
-    def __init__(self, engine: Engine, conversation_id: str, row: int, voice: VoiceProfile,
+    def __init__(self, engine: Engine, conversation_id: str, row: int, voice: VoiceProfile | None,
                  instructions: str | None = None):
         self.engine = engine
         self.id = conversation_id
@@ -198,7 +198,7 @@ class Conversation:
         self._latest: Response | None = None
 
     def __repr__(self) -> str:
-        return f"Conversation({self.id}, row {self.row}, voice {self.voice.name!r})"
+        return f"Conversation({self.id}, row {self.row}, voice {self.voice.name if self.voice else None!r})"
 
     def _command(self, apply: Callable[..., Any], prepare: Callable[[], Any] | None = None) -> Pending:
         if self.closed:
@@ -243,8 +243,10 @@ class Conversation:
         prepare = (lambda: self.engine.prepare_turn("system", [text])) if text else (lambda: None)
         return self._command(self.engine.apply_instructions, prepare)
 
-    def set_voice(self, voice: VoiceProfile) -> Pending[None]:
-        voice.require_compatible(self.engine.model.config)
+    def set_voice(self, voice: VoiceProfile | None) -> Pending[None]:
+        """The voice of the next replies (None: text replies only)."""
+        if voice is not None:
+            voice.require_compatible(self.engine.model.config)
         self.voice = voice
         return self._command(lambda session, _: session.set_voice(voice))
 

@@ -69,7 +69,6 @@ from chroma_agent.server.voice_choice import (
     DEFAULT_VOICE_SETTING,
     VoiceNotFound,
     resolve_voice,
-    text_only_voice,
 )
 from chroma_agent.voices import MAX_CLIP_SECONDS, VoiceError, VoiceProfile
 
@@ -224,7 +223,7 @@ class _Turn:
 
 @dataclass
 class _Plan:
-    voice: VoiceProfile
+    voice: VoiceProfile | None  # None for a text reply that names no voice
     instructions: str | None
     turns: list[_Turn]
     sampling: SamplingParams
@@ -275,10 +274,11 @@ def _voice_name(body: ChatCompletionRequest) -> tuple[str | None, str]:
     return name, param
 
 
-def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest, speaks: bool) -> VoiceProfile:
+def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest,
+           speaks: bool) -> VoiceProfile | None:
     """The request's voice: cloned from prompt_text + prompt_audio, a stored one, or the configured default.
 
-    A reply that does not speak needs no voice: without one it gets the text-only placeholder.
+    A reply that does not speak needs no voice (None).
     """
     name, param = _voice_name(body)
     if (body.prompt_text is None) != (body.prompt_audio is None):
@@ -289,7 +289,7 @@ def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
         if name is not None:
             raise APIError(400, "give either a stored voice or prompt_text + prompt_audio, not both", param="voice")
         if not speaks:  # cloning is the expensive part, and a text-only reply does not use the voice
-            return text_only_voice(engine)
+            return None
         rate = engine.processor.voice_sample_rate
         clip = load_request_audio(body.prompt_audio, rate, "prompt_audio", settings, max_seconds=MAX_CLIP_SECONDS)
         try:
@@ -309,7 +309,7 @@ def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
             raise APIError(400, f"{param}: {exc}", param=param) from None
         if found is None:
             if not speaks:
-                return text_only_voice(engine)
+                return None
             named = f"{name!r} stands for the server's default voice, but " if name is not None else ""
             raise APIError(400, f"{param}: {named}this server has no default voice ({DEFAULT_VOICE_SETTING} is not "
                            "set): name a stored voice, or clone one with prompt_text + prompt_audio", param=param,
@@ -395,8 +395,9 @@ def _prepare(engine: Engine, settings: ServerSettings, body: ChatCompletionReque
                                    ("top_k", body.top_k), ("seed", body.seed)) if v is not None}
     try:
         sampling = replace(engine.sampling, **overrides)
-        max_frames = engine.clamp_frames(voice, body.max_tokens or body.max_completion_tokens
-                                         or settings.default_max_frames)
+        limit = body.max_tokens or body.max_completion_tokens or settings.default_max_frames
+        # speech: frames the voice's backbone row can hold; text: tokens (the engine caps them)
+        max_frames = engine.clamp_frames(voice, limit) if voice is not None else int(limit)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
     return _Plan(
@@ -459,7 +460,8 @@ class _Reply:
         return self.store.add(self.audio_id, done.text, self.created)
 
     def describe(self) -> str:
-        return f"request {self.request_id}: conversation {self.conversation.id} (voice {self.plan.voice.name})"
+        voice = self.plan.voice.name if self.plan.voice is not None else None
+        return f"request {self.request_id}: conversation {self.conversation.id} (voice {voice})"
 
     def finished(self, done: ResponseDone) -> None:
         self.metrics.reply_done(done)

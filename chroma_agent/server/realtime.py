@@ -74,7 +74,6 @@ from chroma_agent.server.voice_choice import (
     is_stock_voice,
     known_voices,
     resolve_voice,
-    text_only_voice,
 )
 from chroma_agent.voices import VoiceError, VoiceProfile
 
@@ -406,9 +405,9 @@ class RealtimeConnection:
                  "server_vad" if self.vad else "none")
         return True
 
-    def _engine_voice(self) -> VoiceProfile:
-        """What the engine's conversation carries: the session's voice, or a placeholder it never speaks with."""
-        return self.voice if self.voice is not None else text_only_voice(self.engine)
+    def _engine_voice(self) -> VoiceProfile | None:
+        """What the engine's conversation carries: the session's voice (None: it can only reply with text)."""
+        return self.voice
 
     async def _shutdown(self) -> None:
         self._closed = True

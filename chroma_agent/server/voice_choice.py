@@ -9,27 +9,19 @@
   change.
 
 Without a configured default, a reply that must speak and names no voice is refused (`voice_required`, by the
-caller: chat completions answer 400, the realtime endpoint an error event). A reply
-that need not speak (text only) still needs a conversation, and the engine's conversations carry a voice: they
-get :func:`text_only_voice`, a one-frame placeholder that is never spoken with.
+caller: chat completions answer 400, the realtime endpoint an error event). A reply that need not speak
+(text only) runs in a conversation without a voice.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
-
-import torch
-
 from chroma_agent.engine.engine import Engine
 from chroma_agent.realtime_protocol import OPENAI_VOICES
-from chroma_agent.voices import UnknownVoiceError, VoiceProfile, fingerprint
+from chroma_agent.voices import UnknownVoiceError, VoiceProfile
 
 #: The operator's setting a missing default voice is named by, in error messages.
 DEFAULT_VOICE_SETTING = "--voice or --voice-audio"
 
-_placeholders: weakref.WeakKeyDictionary[Engine, VoiceProfile] = weakref.WeakKeyDictionary()
-_placeholder_lock = threading.Lock()
 
 
 class VoiceNotFound(LookupError):
@@ -59,21 +51,6 @@ def resolve_voice(engine: Engine, name: str | None) -> VoiceProfile | None:
     return profile
 
 
-def text_only_voice(engine: Engine) -> VoiceProfile:
-    """A placeholder voice for conversations that never speak (one silent frame; cached per engine)."""
-    with _placeholder_lock:
-        profile = _placeholders.get(engine)
-        if profile is None:
-            config = engine.model.config
-            profile = VoiceProfile(
-                name="text-only", transcript=".", text_ids=torch.zeros(1, dtype=torch.long),
-                codes=torch.zeros(config.num_codebooks, 1, dtype=torch.long), duration_s=0.08,
-                model_fingerprint=fingerprint(config),
-            )
-            _placeholders[engine] = profile
-        return profile
-
-
 def known_voices(engine: Engine) -> list[str]:
     """Names a client may use, for error messages."""
     names = set(engine.voices.names())
@@ -82,5 +59,4 @@ def known_voices(engine: Engine) -> list[str]:
     return sorted(names)
 
 
-__all__ = ["DEFAULT_VOICE_SETTING", "VoiceNotFound", "is_stock_voice", "known_voices", "resolve_voice",
-           "text_only_voice"]
+__all__ = ["DEFAULT_VOICE_SETTING", "VoiceNotFound", "is_stock_voice", "known_voices", "resolve_voice"]

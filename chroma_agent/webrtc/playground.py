@@ -66,7 +66,7 @@ def create_app(
     @app.post("/offer")
     async def offer(body: Offer) -> Answer:
         try:
-            conversation = engine.open_conversation(voice, instructions)
+            conversation = await engine.open_conversation(voice, instructions)
         except EngineBusyError as exc:
             raise HTTPException(503, f"{exc}; close another tab and try again") from None
         try:
@@ -122,7 +122,7 @@ def open_engine(
 
             rate = engine.model.config.sample_rate
             clip = _synthetic_clip(3.0, rate, 180.0, 1)
-            profile = engine.create_voice(clip, TINY_VOICE_TEXT, name="tiny-demo", sample_rate=rate)
+            profile = engine.create_voice(clip, TINY_VOICE_TEXT, name="tiny-demo", sample_rate=rate).result()
     except BaseException:
         engine.close()
         raise

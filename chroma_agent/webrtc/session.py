@@ -10,6 +10,7 @@ truncated to what was actually played out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fractions
 import json
 import logging
@@ -331,9 +332,16 @@ class PeerSession:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            for out in resampler.resample(frame):
-                for event in self._detector.push(pcm16_to_float(out.to_ndarray().tobytes())):
-                    self._on_vad(event)
+            # Resampling and Silero run in a worker thread: the loop only moves audio (one frame at a time, so
+            # the resampler and the detector keep their order).
+            for event in await asyncio.to_thread(self._mic_frame, resampler, frame):
+                self._on_vad(event)
+
+    def _mic_frame(self, resampler: av.AudioResampler, frame) -> list[VadEvent]:
+        events: list[VadEvent] = []
+        for out in resampler.resample(frame):
+            events += self._detector.push(pcm16_to_float(out.to_ndarray().tobytes()))
+        return events
 
     def _on_vad(self, event: VadEvent) -> None:
         if isinstance(event, SpeechStarted):
@@ -350,10 +358,18 @@ class PeerSession:
         turn, self._responding = self._responding, None
         if turn is not None:
             # Cancels the reply if it is still generating; either way the context keeps only what was heard.
-            kept = self.conversation.truncate(heard_ms)
-            # A reply still generating reports what was kept in its turn_done; a finished one only here.
-            text = {"text": kept} if self._generated == turn else {}
-            self._send("barge_in", turn=turn, heard_ms=round(heard_ms), **text)
+            pending = self.conversation.truncate(heard_ms)
+            if self._generated == turn:  # a finished reply reports what was kept here, once the engine knows
+                loop, heard = asyncio.get_running_loop(), round(heard_ms)
+
+                def report(job) -> None:
+                    kept = {"text": job.result()} if job.exception() is None and job.result() is not None else {}
+                    with contextlib.suppress(RuntimeError):  # the session's loop is gone
+                        loop.call_soon_threadsafe(lambda: self._send("barge_in", turn=turn, heard_ms=heard, **kept))
+
+                pending.add_done_callback(report)
+            else:  # a reply still generating reports what was kept in its turn_done
+                self._send("barge_in", turn=turn, heard_ms=round(heard_ms))
         log.info("session %s: barge-in on turn %s after %.0f ms of audio", self.id, turn, heard_ms)
         self._set_state("listening")
 
@@ -372,7 +388,7 @@ class PeerSession:
         self._send("user_turn", turn=turn, seconds=round(seconds, 2))
         self._set_state("thinking")
         try:
-            await asyncio.to_thread(self.conversation.add_user_audio, audio, VAD_RATE)
+            await self.conversation.add_user_audio(audio, VAD_RATE)
         except ValueError as exc:
             self._fail(turn, str(exc))
             return
