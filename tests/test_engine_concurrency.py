@@ -99,12 +99,16 @@ def test_cancel_racing_the_last_frame(engine, voice):
         reasons = []
         for i in range(24):
             await conv.add_user_text(f"Turn {i}.")
-            stream = conv.respond(max_frames=3)
+            # Odd turns race the last frame of a 3-frame reply. Even turns cancel on frame 1 of a reply that
+            # cannot finish first: generation stops `lookahead_s` (6 frames) ahead of this consumer, which is
+            # far short of the 50-frame cap, so on any machine at least those turns end cancelled.
+            last = i % 2 == 1
+            stream = conv.respond(max_frames=3 if last else None)
             events = []
             async for event in stream:
                 events.append(event)
-                if isinstance(event, AudioChunk) and event.frame_index == 1 + i % 2:
-                    conv.cancel()  # on frame 1 or on the last frame (2)
+                if isinstance(event, AudioChunk) and event.frame_index == (2 if last else 1):
+                    conv.cancel()
             finals = [e for e in events if isinstance(e, ResponseDone | ResponseError)]
             assert len(finals) == 1 and events[-1] is finals[0]
             reasons.append(finals[0].reason)
@@ -112,7 +116,8 @@ def test_cancel_racing_the_last_frame(engine, voice):
         return reasons
 
     reasons = asyncio.run(asyncio.wait_for(run(), 60))
-    assert set(reasons) <= {"cancelled", "max_frames", "completed"} and "cancelled" in reasons
+    assert set(reasons[1::2]) <= {"cancelled", "max_frames", "completed"}
+    assert set(reasons[0::2]) <= {"cancelled", "completed"} and "cancelled" in reasons[0::2]
     settled(engine)
     assert engine.free_slots == ROWS
 
