@@ -97,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-connections", type=int, default=None,
                      help="open connections beyond this get 503 at once; 0 = no cap (default 1000)")
     srv.add_argument("--no-docs", action="store_true", help="do not serve /docs, /redoc and /openapi.json")
+    # Work per request and slots that come back (docs/api.md, "Limits"; docs/realtime.md).
+    srv.add_argument("--max-messages", type=int, default=None, help="messages of one chat request (default 2048)")
+    srv.add_argument("--max-turn-chars", type=int, default=None,
+                     help="text of one message, realtime item or instructions, in characters (default 32768)")
+    srv.add_argument("--max-items", type=int, default=None, help="items a realtime conversation holds (default 1000)")
+    srv.add_argument("--stream-stall-s", type=float, default=None,
+                     help="a streamed reply whose client falls this far behind is cancelled (default 5)")
+    srv.add_argument("--realtime-idle-timeout-s", type=float, default=None,
+                     help="a realtime session idle this long ends; 0 = never (default 120)")
+    srv.add_argument("--realtime-max-session-s", type=float, default=None,
+                     help="a realtime session ends after this long; 0 = never (default 3600, OpenAI's)")
     for name, text in WORKER_COMMANDS.items():
         sub.add_parser(name, help=f"{text}; see `chroma-agent {name} --help`", add_help=False)
     return parser
@@ -298,6 +309,12 @@ def run_serve(args: argparse.Namespace) -> int:
         hardening["max_header_bytes"] = args.max_header_kb * 1024
     if args.max_connections is not None:
         hardening["max_connections"] = args.max_connections or None  # 0: no cap
+    for name in ("max_messages", "max_turn_chars", "max_items", "stream_stall_s"):
+        if getattr(args, name) is not None:
+            hardening[name] = getattr(args, name)
+    for name in ("realtime_idle_timeout_s", "realtime_max_session_s"):
+        if getattr(args, name) is not None:
+            hardening[name] = getattr(args, name) or None  # 0: no limit
     try:
         settings = ServerSettings(api_key=api_key, assets_dir=args.assets_dir,
                                   max_request_bytes=max(1024, int(args.max_request_mb * 1024 * 1024)),
