@@ -853,7 +853,7 @@ class RealtimeConnection:
         self.buffer_start_ms = int(self.input_ms_total)
         if audio_ms(len(pcm)) < MIN_COMMIT_MS:
             return False
-        self._require_room(event_id)
+        await self._require_room(event_id)
         rate = self.engine.processor.audio_sample_rate
         clip = await asyncio.to_thread(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)  # off the event loop
         try:
@@ -916,9 +916,12 @@ class RealtimeConnection:
             kept = [i for i in kept[:-limit] if i is self.latest_audio_item] + kept[-limit:]
         self.items = kept
 
-    def _require_room(self, event_id: str | None) -> None:
-        """A new client item (created or committed) must fit the conversation's `max_items`."""
+    async def _require_room(self, event_id: str | None) -> None:
+        """A new client item (created or committed) must fit the conversation's `max_items` (items whose turns
+        the context has dropped do not count: they are forgotten first)."""
         limit = self.settings.max_items
+        if len(self.items) >= limit:
+            await self._prune_items()
         if len(self.items) >= limit:
             raise ProtocolError(ErrorCode.TOO_MANY_ITEMS, f"the conversation holds {len(self.items)} items; at most "
                                 f"{limit} (max_items): delete items (conversation.item.delete) before adding more",
@@ -961,7 +964,7 @@ class RealtimeConnection:
         if item.id is not None and any(i.id == item.id for i in self.items):
             raise ProtocolError(ErrorCode.DUPLICATE_ITEM_ID, f"an item with id {item.id!r} already exists",
                                 param="item.id", event_id=eid)
-        self._require_room(eid)
+        await self._require_room(eid)
         calls, content, texts = [], [], []
         user_parts: list = []
         conv = self.conv
