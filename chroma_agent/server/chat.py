@@ -32,7 +32,6 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from chroma_agent.audio import AudioError, load_audio
@@ -45,6 +44,7 @@ from chroma_agent.engine.sampling import SamplingParams
 from chroma_agent.server.connections import abort_connection
 from chroma_agent.server.errors import APIError
 from chroma_agent.server.metrics import ServerMetrics
+from chroma_agent.server.priority import in_background
 from chroma_agent.server.schemas import (
     AssistantMessage,
     AudioPart,
@@ -611,7 +611,7 @@ async def _complete(reply: _Reply, events: AsyncIterator[ResponseEvent], first: 
     if plan.return_audio:
         samples = np.concatenate(pcm) if pcm else np.zeros(0, dtype=np.float32)
         # compressed formats take a while for a long reply: not on the event loop
-        data = await run_in_threadpool(encode_audio, samples, reply.sample_rate, plan.audio_format)
+        data = await in_background(encode_audio, samples, reply.sample_rate, plan.audio_format)
         b64 = base64.b64encode(data).decode("ascii")
         message_audio = ReplyAudio(id=reply.audio_id, data=b64, transcript=done.text,
                                    expires_at=reply.remember(done))
@@ -757,7 +757,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
     settings: ServerSettings = request.app.state.settings
     store = reply_store(request)
-    plan = await run_in_threadpool(_prepare, engine, settings, body, store)
+    plan = await in_background(_prepare, engine, settings, body, store)
     conv = await _open(engine, plan, settings.session_wait_s)
     key = uuid.uuid4().hex
     # Any model name is accepted (clients send their own defaults); the reply names the model that answered.

@@ -68,6 +68,7 @@ from chroma_agent.realtime_protocol import (
 from chroma_agent.server.connections import abort_connection
 from chroma_agent.server.errors import APIError
 from chroma_agent.server.metrics import ServerMetrics
+from chroma_agent.server.priority import in_background
 from chroma_agent.server.security import bearer_token, key_matches
 from chroma_agent.server.settings import ServerSettings
 from chroma_agent.server.voice_choice import (
@@ -855,7 +856,7 @@ class RealtimeConnection:
             return False
         await self._require_room(event_id)
         rate = self.engine.processor.audio_sample_rate
-        clip = await asyncio.to_thread(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)  # off the event loop
+        clip = await in_background(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)  # off the event loop
         try:
             turns = await self._add_turns([(self.conv.add_user_audio, (clip, rate))])
         except ContextError as exc:
@@ -998,7 +999,7 @@ class RealtimeConnection:
                                         param=f"{param}.audio", event_id=eid)
                 rate = self.engine.processor.audio_sample_rate
                 # minutes of audio take a while to resample: not on the event loop every session shares
-                clip = await asyncio.to_thread(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)
+                clip = await in_background(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)
                 user_parts.append((clip, rate))
                 content.append(self.events.user_audio_content(part.transcript))
                 continue
