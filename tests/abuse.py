@@ -131,9 +131,10 @@ class Playback:
         return max(self.gaps_s, default=0.0) * 1000
 
 
-async def play_realtime(url: str, frames: int, started: asyncio.Event | None = None,
+async def play_realtime(url: str, frames: int, started: asyncio.Event | None = None, start_at: float = 0.2,
                         rcvbuf: int = 64 * 1024) -> Playback:
     """A realtime session asks for a reply of `frames` frames and plays it: one delta per 80 ms, as a phone would.
+    `started` is set once `start_at` seconds of it have played.
 
     The socket's receive buffer is kept small (and the client's queue short), so what the listener hears follows
     what the server sends, not megabytes of loopback buffering.
@@ -163,7 +164,7 @@ async def play_realtime(url: str, frames: int, started: asyncio.Event | None = N
                     played.late += 1
                 last = now
                 played.frames += 1
-                if started is not None and played.frames == 3:
+                if started is not None and played.frames == max(1, round(start_at / FRAME_S)):
                     started.set()
                 await asyncio.sleep(max(0.0, first + FRAME_S * played.frames - time.monotonic()))
             elif event["type"] == "response.done":
