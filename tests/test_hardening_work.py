@@ -8,6 +8,8 @@ import asyncio
 import copy
 import json
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -314,3 +316,11 @@ def test_limits_are_validated_settings():
             ServerSettings(**bad)
     unlimited = ServerSettings(realtime_idle_timeout_s=None, realtime_max_session_s=None)
     assert unlimited.realtime_idle_timeout_s is None and unlimited.realtime_max_session_s is None
+
+
+def test_serve_refuses_bad_limits_before_loading_the_model(tiny_dir):
+    for flag, value, name in (("--max-messages", "0", "max_messages"), ("--stream-stall-s", "-1", "stream_stall_s"),
+                              ("--max-items", "0", "max_items")):
+        done = subprocess.run([sys.executable, "-m", "chroma_agent.cli", "serve", "--model", str(tiny_dir),
+                               "--port", "1", flag, value], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and name in done.stderr, (flag, done.returncode, done.stderr[-500:])

@@ -30,7 +30,7 @@ from starlette.websockets import WebSocketState
 
 from chroma_agent.audio import pcm16_to_float, resample
 from chroma_agent.engine.context import ContextError
-from chroma_agent.engine.conversation import Conversation, ConversationError, TurnRef
+from chroma_agent.engine.conversation import Conversation, ConversationError, Pending, TurnRef
 from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, TextDelta
 from chroma_agent.engine.sampling import SamplingParams
@@ -633,6 +633,7 @@ class RealtimeConnection:
             if resp.task is not None and not resp.task.done():
                 resp.task.cancel()
                 await asyncio.wait([resp.task], timeout=RESPONSE_STOP_WAIT_S)
+
         async def last_words() -> None:
             await self._send(self.events.error(message, code=ErrorCode.SESSION_EXPIRED))
             await self.ws.close(CLOSE_GOING_AWAY, close_reason)
@@ -899,7 +900,9 @@ class RealtimeConnection:
         """Remove turns from the context; the KV cache stays valid up to the first removed turn."""
         if self.conv is not None and turns:
             return self.conv.remove_turns(turns)
-        return asyncio.sleep(0)
+        nothing: Pending[None] = Pending()  # awaitable or not: callers that only queue the edit do not await it
+        nothing.set_result(None)
+        return nothing
 
     async def _prune_items(self) -> None:
         """Forget the items whose turns the engine dropped from the context (long sessions keep the latest turns
@@ -933,8 +936,8 @@ class RealtimeConnection:
         `max_turn_chars`."""
         limit = self.settings.max_turn_chars
         if chars > limit:
-            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"{param}: the text is {chars} characters long (the item's "
-                                f"parts together); at most {limit} (max_turn_chars)", param=param, event_id=event_id)
+            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"{param}: {chars} characters of text (an item's parts count "
+                                f"together); at most {limit} per turn (max_turn_chars)", param=param, event_id=event_id)
 
     def _item_body(self, item: _Item) -> dict[str, Any]:
         return self.events.message_item(item.id, item.role, item.content, item.status)
