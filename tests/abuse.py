@@ -185,7 +185,7 @@ def serve_process(tiny_dir: Path, voices_dir: Path, *flags: str, log_path: Path 
     log = open(log_path, "w") if log_path is not None else subprocess.DEVNULL  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "chroma_agent.cli", "serve", "--model", str(tiny_dir), "--port", str(port),
-         "--voices-dir", str(voices_dir), "--default-voice", "golden", *flags],
+         "--voices-dir", str(voices_dir), "--voice", "golden", *flags],
         stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -319,8 +319,8 @@ def test_limits_are_validated_settings():
 
 
 def test_serve_refuses_bad_limits_before_loading_the_model(tiny_dir):
-    for flag, value, name in (("--max-messages", "0", "max_messages"), ("--stream-stall-s", "-1", "stream_stall_s"),
-                              ("--max-items", "0", "max_items")):
+    for flag, value in (("--max-messages", "0"), ("--stream-stall-s", "-1"), ("--max-items", "0"),
+                        ("--realtime-max-session-s", "-5")):
         done = subprocess.run([sys.executable, "-m", "chroma_agent.cli", "serve", "--model", str(tiny_dir),
                                "--port", "1", flag, value], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and name in done.stderr, (flag, done.returncode, done.stderr[-500:])
+        assert done.returncode == 2 and flag in done.stderr, (flag, done.returncode, done.stderr[-500:])

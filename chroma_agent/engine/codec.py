@@ -57,6 +57,50 @@ def _start_padding(x: torch.Tensor, width: int, mode: str) -> torch.Tensor:
     raise ValueError(f"unsupported pad_mode {mode!r} for streaming")
 
 
+def _conv1d(window: torch.Tensor, conv: nn.Conv1d, weight: torch.Tensor) -> torch.Tensor:
+    """A stride-1 causal convolution of `window` [B, C_in, T + context] as one matmul over its K shifted views.
+
+    The same sums as `nn.Conv1d` in another order: at one frame per call the inputs are a few samples wide,
+    where a convolution primitive's setup costs more than the arithmetic, and a matmul also fuses under
+    `torch.compile`. `weight` is the kernel as [C_out, C_in * K] (a view of the parameter).
+    """
+    k, d = conv.kernel_size[0], conv.dilation[0]
+    length = window.shape[-1] - (k - 1) * d
+    if k == 1:
+        taps = window
+    else:  # [B, C_in, K, T] -> [B, C_in * K, T], in the kernel's own (channel, tap) order
+        taps = torch.stack([window[..., i * d : i * d + length] for i in range(k)], dim=2).flatten(1, 2)
+    out = torch.matmul(weight, taps)
+    return out if conv.bias is None else out + conv.bias[:, None]
+
+
+def _conv_transpose1d(x: torch.Tensor, conv: nn.ConvTranspose1d, weight: torch.Tensor, blocks: int) -> torch.Tensor:
+    """`F.conv_transpose1d(x, weight)` without bias, as a matmul (or a product, depthwise) plus overlap-add.
+
+    Each input sample spreads over K outputs, K = blocks * stride (the kernel is zero-padded up to that): the
+    per-sample contributions [B, C_out, T, K] are cut into `blocks` slabs of one stride each, and slab j lands
+    j strides to the right. `weight` is [groups, C_in/groups, C_out/groups * K] for a matmul, or [C, K] for a
+    depthwise layer.
+    """
+    b, _, t = x.shape
+    stride, groups = conv.stride[0], conv.groups
+    if weight.dim() == 2:  # depthwise: one output channel per input channel
+        parts = x[..., None] * weight[None, :, None, :]  # [B, C, T, K]
+    else:
+        per = x.view(b, groups, x.shape[1] // groups, t).transpose(2, 3)  # [B, g, T, C_in/g]
+        parts = torch.matmul(per, weight).view(b, groups, t, -1, blocks * stride)  # [B, g, T, C_out/g, K]
+        parts = parts.permute(0, 1, 3, 2, 4).reshape(b, -1, t, blocks * stride)  # [B, C_out, T, K]
+    slabs = parts.view(b, parts.shape[1], t, blocks, stride)
+    width = (t + blocks - 1) * stride
+    out = None
+    for j in range(blocks):
+        slab = slabs[:, :, :, j].reshape(b, -1, t * stride)
+        slab = F.pad(slab, (j * stride, width - t * stride - j * stride))
+        out = slab if out is None else out + slab
+    full = (t - 1) * stride + (conv.kernel_size[0] - 1) * conv.dilation[0] + 1
+    return out[..., :full]
+
+
 def _keep(mask: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> None:
     """old <- new on the rows of `mask` (all rows when None), in place: the buffer keeps its address."""
     if mask is None:
@@ -82,6 +126,8 @@ class _StreamingConv1d:
             raise ValueError(f"streaming supports stride-1 convolutions only, got stride {conv.stride[0]}")
         if conv.padding[0] != 0:
             raise ValueError("the inner nn.Conv1d is expected to have no padding of its own")
+        if conv.groups != 1:
+            raise ValueError(f"streaming supports ungrouped convolutions only, got groups={conv.groups}")
         self.conv = conv
         self.pad_mode = layer.pad_mode
         self.context = (conv.kernel_size[0] - 1) * conv.dilation[0]
@@ -100,9 +146,12 @@ class _StreamingConv1d:
         part.history, part.fresh = self.history[:n], self.fresh[:n]
         return part
 
+    def _weight(self) -> torch.Tensor:
+        return self.conv.weight.view(self.conv.out_channels, -1)  # [C_out, C_in * K]: a view, never stale
+
     def step(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.context == 0:
-            return self.conv(x)
+            return _conv1d(x, self.conv, self._weight())
         history = self.history
         # zeros are already the start padding for "constant"; other modes need the first chunk itself
         if self.pad_mode != "constant":
@@ -111,7 +160,7 @@ class _StreamingConv1d:
             _keep(mask, torch.zeros_like(self.fresh), self.fresh)
         window = torch.cat([history, x], dim=-1)
         _keep(mask, window[..., -self.context :], self.history)
-        return self.conv(window)
+        return _conv1d(window, self.conv, self._weight())
 
 
 class _StreamingConvTranspose1d:
@@ -131,9 +180,13 @@ class _StreamingConvTranspose1d:
         conv = layer.conv
         if conv.padding[0] != 0 or conv.output_padding[0] != 0:
             raise ValueError("the inner nn.ConvTranspose1d is expected to have no padding of its own")
+        if conv.dilation[0] != 1:
+            raise ValueError("streaming supports undilated transposed convolutions only")
         self.conv = conv
         self.stride = conv.stride[0]
-        overlap = (conv.kernel_size[0] - 1) * conv.dilation[0] + 1 - self.stride
+        kernel = conv.kernel_size[0]
+        self.blocks = -(-kernel // self.stride)
+        overlap = kernel - self.stride
         self.tail = conv.weight.new_zeros(batch, conv.out_channels, max(overlap, 0))
 
     def reset(self, rows: list[int] | None) -> None:
@@ -144,9 +197,19 @@ class _StreamingConvTranspose1d:
         part.tail = self.tail[:n]
         return part
 
+    def _weight(self) -> torch.Tensor:
+        """The kernel as `_conv_transpose1d` takes it, zero-padded to whole strides (rebuilt per call: it is
+        small, and a cached copy would go stale if the weights changed)."""
+        conv = self.conv
+        w = F.pad(conv.weight, (0, self.blocks * self.stride - conv.kernel_size[0]))  # [C_in, C_out/g, K']
+        groups = conv.groups
+        if groups == conv.in_channels and w.shape[1] == 1:
+            return w[:, 0]
+        return w.view(groups, conv.in_channels // groups, -1)
+
     def step(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         conv = self.conv
-        y = F.conv_transpose1d(x, conv.weight, None, stride=self.stride, groups=conv.groups, dilation=conv.dilation[0])
+        y = _conv_transpose1d(x, conv, self._weight(), self.blocks)
         emitted = x.shape[-1] * self.stride
         overlap = self.tail.shape[-1]
         if overlap:

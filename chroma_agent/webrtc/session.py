@@ -332,9 +332,16 @@ class PeerSession:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            for out in resampler.resample(frame):
-                for event in self._detector.push(pcm16_to_float(out.to_ndarray().tobytes())):
-                    self._on_vad(event)
+            # Resampling and Silero run in a worker thread: the loop only moves audio (one frame at a time, so
+            # the resampler and the detector keep their order).
+            for event in await asyncio.to_thread(self._mic_frame, resampler, frame):
+                self._on_vad(event)
+
+    def _mic_frame(self, resampler: av.AudioResampler, frame) -> list[VadEvent]:
+        events: list[VadEvent] = []
+        for out in resampler.resample(frame):
+            events += self._detector.push(pcm16_to_float(out.to_ndarray().tobytes()))
+        return events
 
     def _on_vad(self, event: VadEvent) -> None:
         if isinstance(event, SpeechStarted):
