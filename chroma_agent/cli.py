@@ -290,6 +290,10 @@ def run_serve(args: argparse.Namespace) -> int:
                                 header_timeout_s=settings.header_timeout_s,
                                 max_header_bytes=settings.max_header_kb * 1024,
                                 max_connections=settings.max_connections or None,  # 0: no cap
+                                max_messages=settings.max_messages, max_turn_chars=settings.max_turn_chars,
+                                max_items=settings.max_items, stream_stall_s=settings.stream_stall_s,
+                                realtime_idle_timeout_s=settings.realtime_idle_timeout_s or None,  # 0: never
+                                realtime_max_session_s=settings.realtime_max_session_s or None,
                                 docs=not settings.no_docs)
     except ValueError as exc:
         raise UsageError(str(exc)) from None

@@ -99,6 +99,16 @@ SOURCES: dict[str, Source] = {
     "max_header_kb": Source("--max-header-kb", ("CHROMA_MAX_HEADER_KB",), "largest request headers, else 431"),
     "max_connections": Source("--max-connections", ("CHROMA_MAX_CONNECTIONS",),
                               "open connections beyond this get 503 at once; 0: no cap"),
+    "max_messages": Source("--max-messages", ("CHROMA_MAX_MESSAGES",), "messages of one chat request, else 400"),
+    "max_turn_chars": Source("--max-turn-chars", ("CHROMA_MAX_TURN_CHARS",),
+                             "characters of text in one message, realtime item or instructions, else 400"),
+    "max_items": Source("--max-items", ("CHROMA_MAX_ITEMS",), "items a realtime conversation holds"),
+    "stream_stall_s": Source("--stream-stall-s", ("CHROMA_STREAM_STALL_S",),
+                             "a streamed reply whose client falls this many seconds behind is cancelled"),
+    "realtime_idle_timeout_s": Source("--realtime-idle-timeout-s", ("CHROMA_REALTIME_IDLE_TIMEOUT_S",),
+                                      "a realtime session idle this many seconds ends; 0: never"),
+    "realtime_max_session_s": Source("--realtime-max-session-s", ("CHROMA_REALTIME_MAX_SESSION_S",),
+                                     "a realtime session ends after this many seconds (OpenAI: 3600); 0: never"),
     "no_docs": Source("--no-docs", ("CHROMA_NO_DOCS",), "do not serve /docs, /redoc and /openapi.json"),
     "server_url": Source("--server-url", ("CHROMA_SERVER_URL",),
                          "a `chroma-agent serve` to talk to over /v1/realtime instead of loading the model "
@@ -392,6 +402,13 @@ class ServeSettings(EngineSettings, ListenSettings):
     header_timeout_s: float = Field(_SERVER_DEFAULTS.header_timeout_s, gt=0)
     max_header_kb: int = Field(_SERVER_DEFAULTS.max_header_bytes // 1024, ge=1)
     max_connections: int = Field(_SERVER_DEFAULTS.max_connections or 0, ge=0)
+    # Work per request and slots that come back (docs/api.md, "Limits"; docs/realtime.md).
+    max_messages: int = Field(_SERVER_DEFAULTS.max_messages, ge=1)
+    max_turn_chars: int = Field(_SERVER_DEFAULTS.max_turn_chars, ge=1)
+    max_items: int = Field(_SERVER_DEFAULTS.max_items, ge=1)
+    stream_stall_s: float = Field(_SERVER_DEFAULTS.stream_stall_s, gt=0)
+    realtime_idle_timeout_s: float = Field(_SERVER_DEFAULTS.realtime_idle_timeout_s or 0, ge=0)
+    realtime_max_session_s: float = Field(_SERVER_DEFAULTS.realtime_max_session_s or 0, ge=0)
     no_docs: bool = False
 
     @field_validator("api_key", "assets_dir", mode="before")

@@ -100,6 +100,10 @@ class ThinkerContext:
         if not self.turns:
             self._invalidate_from(0)  # the default prefix may come or go with the first turn
         self.turns.append(turn)
+        # Turns added without a reply in between would otherwise pile up without bound (a client adding
+        # thousands of items): beyond twice the capacity the oldest go now, as the next reply would drop them.
+        if len(self) > 2 * self.capacity:
+            self._drop_oldest(self.capacity, keep_last=True)
         return turn
 
     def remove(self, turn: Turn) -> None:
@@ -129,23 +133,43 @@ class ThinkerContext:
         """Drop the oldest turns (never the instructions) until `reserve` more slots fit; returns how many.
 
         When it must drop, it frees a quarter of the context more than needed, so a long conversation does
-        not re-prefill its whole history on every turn.
+        not re-prefill its whole history on every turn. When even the last turn alone leaves no room, nothing
+        is dropped and ContextError says so.
         """
         if len(self) + reserve <= self.capacity:
             return 0
-        target = max(0, self.capacity - reserve - self.capacity // 4)
-        first = 1 if self._has_instructions() else 0
-        start = self.offset(self.turns[first]) if len(self.turns) > first else len(self)
-        dropped = 0
-        while len(self) > target and len(self.turns) > first + 1:
-            del self.turns[first]
-            dropped += 1
-        if len(self) + reserve > self.capacity:
+        # What is left when every turn that may go has gone: the instructions and the last turn (and the
+        # template's default prefix unless a system turn comes first).
+        kept = [self.turns[0], self.turns[-1]] if self._has_instructions() and len(self.turns) > 1 \
+            else self.turns[-1:]
+        least = sum(len(t.ids) for t in kept) + (0 if kept and kept[0].role == "system"
+                                                 else len(self.pieces.default_prefix))
+        if least + reserve > self.capacity:
             raise ContextError(f"the conversation does not fit the thinker context of {self.capacity} tokens "
                                f"with room for the reply (thinker_context): its last turn alone is too long")
-        if dropped:
-            self._invalidate_from(0 if first == 0 else start)
-        return dropped
+        return self._drop_oldest(max(0, self.capacity - reserve - self.capacity // 4), keep_last=True)
+
+    def _drop_oldest(self, target: int, keep_last: bool) -> int:
+        """Drop the oldest turns after the instructions until the context holds at most `target` ids (or only
+        the instructions and the last turn are left); one pass, however many turns go."""
+        first = 1 if self._has_instructions() else 0
+        last = len(self.turns) - (1 if keep_last else 0)
+        body = sum(len(t.ids) for t in self.turns)
+        default = len(self.pieces.default_prefix)
+
+        def prefix_len(first_turn: Turn | None) -> int:
+            return 0 if first_turn is not None and first_turn.role == "system" else default
+
+        stop = first
+        while stop < last and body + prefix_len(self.turns[0] if first else self.turns[stop]) > target:
+            body -= len(self.turns[stop].ids)
+            stop += 1
+        if stop == first:
+            return 0
+        start = self.offset(self.turns[first])
+        del self.turns[first:stop]
+        self._invalidate_from(0 if first == 0 else start)
+        return stop - first
 
     # --- replies --------------------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from chroma_agent.server import chat, realtime, system, voices_api
 from chroma_agent.server.errors import install_error_handlers
 from chroma_agent.server.memory import MemoryTrimmer
 from chroma_agent.server.metrics import ServerMetrics
+from chroma_agent.server.priority import lower_pool
 from chroma_agent.server.settings import ServerSettings
 from chroma_agent.server.system import ProtectedRoute
 
@@ -86,6 +87,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         redoc_url=None,
     )
     app.state.engine = engine
+    # The engine's preparation threads (chat templates, tokenizing, Whisper features) yield the CPU to its step.
+    lower_pool(engine.pool, engine.config.prep_workers)
     app.state.settings = settings
     app.state.metrics = ServerMetrics(engine)
     install_error_handlers(app)

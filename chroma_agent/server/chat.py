@@ -32,17 +32,19 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from chroma_agent.audio import AudioError, load_audio
 from chroma_agent.audio_encode import AudioEncoder, encode_audio, supported_formats
+from chroma_agent.engine.context import ContextError
 from chroma_agent.engine.conversation import Conversation, ConversationError
 from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, ResponseEvent, TextDelta
 from chroma_agent.engine.sampling import SamplingParams
+from chroma_agent.server.connections import abort_connection
 from chroma_agent.server.errors import APIError
 from chroma_agent.server.metrics import ServerMetrics
+from chroma_agent.server.priority import in_background
 from chroma_agent.server.schemas import (
     AssistantMessage,
     AudioPart,
@@ -76,6 +78,12 @@ log = logging.getLogger(__name__)
 
 # Not strict about Content-Type: scripts often post JSON without naming it.
 router = APIRouter(route_class=ProtectedRoute, tags=["chat"], strict_content_type=False)
+
+#: How long a stalled stream waits for the disconnect its aborted connection causes (one loop turn in practice).
+RESPONSE_ABORT_WAIT_S = 5.0
+
+#: OpenAI's code for a conversation that does not fit the model's context.
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 
 # Longer strings are never file names; treating them as paths would only turn bad base64 into "not found".
 _MAX_PATH_CHARS = 1024
@@ -322,20 +330,69 @@ def _voice(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
     return profile
 
 
+class _Budget:
+    """What the rest of a request may still bring: messages, text and audio, per turn and in all (the settings
+    `max_messages`, `max_turn_chars`, `max_request_chars`, `max_audio_seconds`, `max_request_audio_seconds`).
+
+    Text is counted before anything is tokenized; audio as each part is decoded (a part is decoded up to the
+    per-part limit), so a refused request costs at most one part beyond the limits.
+    """
+
+    def __init__(self, settings: ServerSettings, rate: int):
+        self.settings, self.rate = settings, rate
+        self.chars = 0
+        self.audio = 0  # samples at `rate`
+        self.turn_chars = 0
+        self.turn_audio = 0
+
+    def next_turn(self) -> None:
+        self.turn_chars = self.turn_audio = 0
+
+    def text(self, where: str, text: str) -> None:
+        s = self.settings
+        self.turn_chars += len(text)
+        self.chars += len(text)
+        if self.turn_chars > s.max_turn_chars:
+            raise APIError(400, f"{where}: the message holds more than {s.max_turn_chars} characters of text "
+                           "(max_turn_chars)", param=where, code="text_too_long")
+        if self.chars > s.max_request_chars:
+            raise APIError(400, f"{where}: the request holds more than {s.max_request_chars} characters of text "
+                           "(max_request_chars)", param=where, code="text_too_long")
+
+    def audio_part(self, where: str, samples: int) -> None:
+        s = self.settings
+        self.turn_audio += samples
+        self.audio += samples
+        if self.turn_audio > s.max_audio_seconds * self.rate:
+            raise APIError(400, f"{where}: the message's audio is {self.turn_audio / self.rate:.1f} s long in all; "
+                           f"at most {s.max_audio_seconds:g} s per message (max_audio_seconds)", param=where,
+                           code="invalid_audio")
+        if self.audio > s.max_request_audio_seconds * self.rate:
+            raise APIError(400, f"{where}: the request's audio is {self.audio / self.rate:.1f} s long in all; at most "
+                           f"{s.max_request_audio_seconds:g} s per request (max_request_audio_seconds)", param=where,
+                           code="invalid_audio")
+
+
 def _turns(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest,
            store: AudioReplyStore) -> tuple[str | None, list[_Turn]]:
     """The instructions (a leading system message) and the other messages as conversation turns.
 
     A user message is one turn holding its text and audio parts in order (the chat template renders them in
     one user block, as the reference does); consecutive text parts are joined, as the template joins them.
-    An assistant message that refers to an earlier reply by its audio id is that reply's transcript.
+    An assistant message that refers to an earlier reply by its audio id is that reply's transcript. One pass
+    over the messages and their parts: the work is linear in the request, and bounded by the limits.
     """
+    if len(body.messages) > settings.max_messages:
+        raise APIError(400, f"messages: {len(body.messages)} messages; at most {settings.max_messages} per request "
+                       "(max_messages)", param="messages", code="too_many_messages")
     rate = engine.processor.audio_sample_rate
     audio_token = engine.processor.audio_token
+    budget = _Budget(settings, rate)
     instructions: str | None = None
     turns: list[_Turn] = []
     for i, message in enumerate(body.messages):
         where = f"messages[{i}]"
+        budget.next_turn()
         role = "system" if message.role == "developer" else message.role
         content = "" if message.content is None else message.content
         ref = getattr(message, "audio", None)
@@ -345,20 +402,22 @@ def _turns(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
                 raise APIError(400, f"{where}.audio.id: no reply with audio id {ref.id!r} can be referred to (unknown "
                                "to this server, or its expires_at has passed); send its transcript as content "
                                "instead", param=f"{where}.audio.id", code="audio_expired")
+            budget.text(f"{where}.audio", transcript)
             turns.append(_Turn(role, f"{where}.audio", text=transcript))
             continue
         parts = [(f"{where}.content", TextPart(type="text", text=content))] if isinstance(content, str) else [
             (f"{where}.content[{j}]", part) for j, part in enumerate(content)
         ]
-        pieces: list[str | np.ndarray] = []
+        pieces: list[list[str] | np.ndarray] = []  # runs of text parts (joined at the end) and audio clips
         for part_where, part in parts:
             if isinstance(part, TextPart):
+                budget.text(part_where, part.text)
                 if audio_token in part.text:
                     raise APIError(400, f"{part_where}: text must not contain {audio_token}", param=part_where)
-                if pieces and isinstance(pieces[-1], str):
-                    pieces[-1] += part.text
+                if pieces and isinstance(pieces[-1], list):
+                    pieces[-1].append(part.text)
                 else:
-                    pieces.append(part.text)
+                    pieces.append([part.text])
             else:
                 if isinstance(part, AudioPart):
                     clip = load_request_audio(part.audio, rate, part_where, settings)
@@ -367,15 +426,17 @@ def _turns(engine: Engine, settings: ServerSettings, body: ChatCompletionRequest
                 if len(clip) < engine.processor.min_audio_samples:
                     raise APIError(400, f"{part_where}: audio is too short ({len(clip)} samples at {rate} Hz; at "
                                    f"least {engine.processor.min_audio_samples})", param=part_where)
+                budget.audio_part(part_where, len(clip))
                 pieces.append(clip)
-        text = "".join(p for p in pieces if isinstance(p, str))
-        has_audio = any(not isinstance(p, str) for p in pieces)
+        joined: list[str | np.ndarray] = ["".join(p) if isinstance(p, list) else p for p in pieces]
+        text = "".join(p for p in joined if isinstance(p, str))
+        has_audio = any(not isinstance(p, str) for p in joined)
         if not has_audio and not text.strip() and role != "assistant":
             raise APIError(400, f"{where}.content is empty", param=f"{where}.content")
         if i == 0 and role == "system":
             instructions = text
         elif role == "user":
-            turns.append(_Turn(role, f"{where}.content", parts=[p for p in pieces if not isinstance(p, str) or p]))
+            turns.append(_Turn(role, f"{where}.content", parts=[p for p in joined if not isinstance(p, str) or p]))
         else:
             turns.append(_Turn(role, f"{where}.content", text=text))
     return instructions, turns
@@ -429,7 +490,9 @@ async def _open(engine: Engine, plan: _Plan, wait_s: float) -> Conversation:
         for turn, pending in added:
             try:
                 await pending
-            except ValueError as exc:  # AudioError, VoiceError and context limits included
+            except ContextError as exc:  # this turn alone cannot fit the thinker context
+                raise APIError(400, f"{turn.where}: {exc}", param=turn.where, code=CONTEXT_LENGTH_EXCEEDED) from None
+            except ValueError as exc:  # AudioError and VoiceError included
                 raise APIError(400, f"{turn.where}: {exc}", param=turn.where) from None
     except BaseException:
         conv.close()
@@ -498,7 +561,9 @@ async def _first_event(reply: _Reply, events: AsyncIterator[ResponseEvent]) -> R
     """Start the reply; what the engine refuses at this point is still an HTTP error, not a broken stream."""
     try:
         event = await anext(events)
-    except (ConversationError, ValueError) as exc:  # e.g. the messages do not fit the thinker context
+    except ContextError as exc:  # the last message leaves no room for the reply
+        raise APIError(400, f"messages: {exc}", param="messages", code=CONTEXT_LENGTH_EXCEEDED) from None
+    except (ConversationError, ValueError) as exc:
         raise APIError(400, str(exc), param="messages") from None
     if isinstance(event, ResponseError):
         raise reply.failed(event)
@@ -546,7 +611,7 @@ async def _complete(reply: _Reply, events: AsyncIterator[ResponseEvent], first: 
     if plan.return_audio:
         samples = np.concatenate(pcm) if pcm else np.zeros(0, dtype=np.float32)
         # compressed formats take a while for a long reply: not on the event loop
-        data = await run_in_threadpool(encode_audio, samples, reply.sample_rate, plan.audio_format)
+        data = await in_background(encode_audio, samples, reply.sample_rate, plan.audio_format)
         b64 = base64.b64encode(data).decode("ascii")
         message_audio = ReplyAudio(id=reply.audio_id, data=b64, transcript=done.text,
                                    expires_at=reply.remember(done))
@@ -575,47 +640,55 @@ def _chunk(reply: _Reply, delta: Delta, finish_reason: str | None = None, usage:
     return _sse(chunk.model_dump_json(exclude_none=True))
 
 
-async def _stream(reply: _Reply, events: AsyncIterator[ResponseEvent], first: ResponseEvent) -> AsyncIterator[str]:
-    """OpenAI chunks. Text: `delta.content` (FlashLabs style and text-only replies) or `delta.audio.transcript`
-    (audio asked for OpenAI's way). Audio: `delta.audio.data`, one 80 ms frame of PCM16 per delta for pcm16 and
-    wav (a WAV header needs the length), mp3 / opus / aac piece by piece as they are encoded, flac whole in the
-    last audio delta (FLAC readers such as libsndfile need the length in its header); then
-    `delta.audio.expires_at`.
+async def _stream(reply: _Reply, events: AsyncIterator[ResponseEvent],
+                  first: ResponseEvent) -> AsyncIterator[tuple[str, float]]:
+    """OpenAI chunks, each with the seconds of reply audio it carries (what the stall guard counts).
+
+    Text: `delta.content` (FlashLabs style and text-only replies) or `delta.audio.transcript` (audio asked for
+    OpenAI's way). Audio: `delta.audio.data`, one 80 ms frame of PCM16 per delta for pcm16 and wav (a WAV header
+    needs the length), mp3 / opus / aac piece by piece as they are encoded, flac whole in the last audio delta
+    (FLAC readers such as libsndfile need the length in its header); then `delta.audio.expires_at`.
     """
     plan = reply.plan
     encoder = None
     if plan.return_audio and plan.audio_format not in ("wav", "pcm16"):
         encoder = AudioEncoder(plan.audio_format, reply.sample_rate, seekable=plan.audio_format == "flac")
     transcript_in_audio = plan.return_audio and not plan.flashlabs
+    held = 0.0  # audio seconds pushed into the encoder and not yet sent
 
     def audio_delta(**fields) -> str:
         return _chunk(reply, Delta(audio=DeltaAudio(id=reply.audio_id, **fields)))
 
     try:
-        yield _chunk(reply, Delta(role="assistant", content=None if transcript_in_audio else ""))
+        yield _chunk(reply, Delta(role="assistant", content=None if transcript_in_audio else "")), 0.0
         async for event in _with_first(first, events):
             if isinstance(event, AudioChunk):
                 if plan.return_audio:
+                    held += len(event.pcm) / reply.sample_rate
                     data = encoder.push(event.pcm) if encoder is not None else event.pcm16()
                     if data:
-                        yield audio_delta(data=base64.b64encode(data).decode("ascii"))
+                        yield audio_delta(data=base64.b64encode(data).decode("ascii")), held
+                        held = 0.0
             elif isinstance(event, TextDelta):
                 if transcript_in_audio:
-                    yield audio_delta(transcript=event.text)
+                    yield audio_delta(transcript=event.text), 0.0
                 else:
-                    yield _chunk(reply, Delta(content=event.text))
+                    yield _chunk(reply, Delta(content=event.text)), 0.0
             elif isinstance(event, ResponseDone):
+                # The reply is made: its slot goes back now, not once the client has read the last chunks.
+                reply.conversation.close()
                 reply.finished(event)
                 if plan.return_audio:
                     if encoder is not None and (tail := encoder.finish()):
-                        yield audio_delta(data=base64.b64encode(tail).decode("ascii"))
-                    yield audio_delta(expires_at=reply.remember(event))
-                yield _chunk(reply, Delta(), _finish_reason(event), _usage(event))
+                        yield audio_delta(data=base64.b64encode(tail).decode("ascii")), held
+                    yield audio_delta(expires_at=reply.remember(event)), 0.0
+                yield _chunk(reply, Delta(), _finish_reason(event), _usage(event)), 0.0
             else:
+                reply.conversation.close()
                 error = reply.failed(event)
                 body = ErrorResponse(error=ErrorBody(message=error.message, type=error.type, code=error.code))
-                yield _sse(body.model_dump_json())
-        yield _sse("[DONE]")
+                yield _sse(body.model_dump_json()), 0.0
+        yield _sse("[DONE]"), 0.0
     finally:
         if encoder is not None:
             encoder.close()
@@ -623,18 +696,59 @@ async def _stream(reply: _Reply, events: AsyncIterator[ResponseEvent], first: Re
 
 
 class _ReplyStream(StreamingResponse):
-    """Server-sent events whose conversation is closed however the stream ends, the client leaving included."""
+    """Server-sent events whose conversation is closed however the stream ends, the client leaving included.
 
-    def __init__(self, content: AsyncIterator[str], reply: _Reply):
+    A client that stops reading must not hold its engine slot: once the kernel's and the transport's buffers
+    are full, each send waits for the client. The stream counts that waiting against the audio the client did
+    take; when the waiting exceeds it by `stall_s` (a listener playing in real time takes a second of audio per
+    second it makes us wait; a client that reads nothing takes none), the reply is cancelled, its slot freed
+    and the connection dropped. A server slower than real time never counts against the client: it does not
+    wait in a send.
+    """
+
+    def __init__(self, content: AsyncIterator[tuple[str, float]], reply: _Reply, stall_s: float):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.reply = reply
+        self.stall_s = stall_s
+        self.scope: Scope | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.scope = scope
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.reply.conversation.close()
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        waited = taken = 0.0  # seconds spent waiting in sends; seconds of audio the client took
+        loop = asyncio.get_running_loop()
+        async for chunk, audio_s in self.body_iterator:
+            message = {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+            started = loop.time()
+            try:
+                await asyncio.wait_for(send(message), timeout=max(0.0, self.stall_s + taken - waited))
+            except asyncio.TimeoutError:  # TimeoutError itself only from 3.11 on
+                await self._stalled(waited + loop.time() - started, taken)
+                return
+            waited += loop.time() - started
+            taken += audio_s
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _stalled(self, waited: float, taken: float) -> None:
+        reply = self.reply
+        log.warning("%s: the client stopped reading (waited %.1f s for it, it took %.1f s of audio; stream_stall_s "
+                    "%g): reply cancelled, slot freed, connection dropped", reply.describe(), waited, taken,
+                    self.stall_s)
+        reply.metrics.errors.labels("client_stalled").inc()
+        reply.conversation.close()
+        with contextlib.suppress(Exception):
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+        if self.scope is not None and abort_connection(self.scope):
+            # The disconnect this causes ends the response: starlette cancels the stream on it, so this sleep
+            # only bounds the wait. (Under a server without the abort hook the connection is merely closed.)
+            await asyncio.sleep(RESPONSE_ABORT_WAIT_S)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=CHAT_RESPONSES)
@@ -643,7 +757,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine: Engine = request.app.state.engine
     settings: ServerSettings = request.app.state.settings
     store = reply_store(request)
-    plan = await run_in_threadpool(_prepare, engine, settings, body, store)
+    plan = await in_background(_prepare, engine, settings, body, store)
     conv = await _open(engine, plan, settings.session_wait_s)
     key = uuid.uuid4().hex
     # Any model name is accepted (clients send their own defaults); the reply names the model that answered.
@@ -665,7 +779,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                     await events.aclose()
         # The watcher is gone before the stream starts: the streaming response listens for disconnects itself.
         streaming = True
-        return _ReplyStream(_stream(reply, events, first), reply)
+        return _ReplyStream(_stream(reply, events, first), reply, settings.stream_stall_s)
     finally:
         if not streaming:
             conv.close()

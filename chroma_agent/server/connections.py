@@ -13,6 +13,11 @@ one that streams headers without end grows the server's memory. :func:`guarded_h
 Every refusal is OpenAI's JSON error naming the setting. :class:`CleanRefusalWebSocketProtocol` fixes how uvicorn's
 websockets protocol treats a handshake refused with an HTTP response (our ``401`` for a wrong key): it logs
 ``ERROR: ASGI callable returned without completing handshake`` for each, which is noise, not an error.
+
+Both protocols also give the app a way to drop a connection at once (:func:`abort_connection`): a client that
+stopped reading has filled every buffer, so a polite close (flush, then close) would never complete and its
+coroutine and socket would stay. ASGI has no such message; the protocols put an abort callable into the scope's
+``extensions``.
 """
 
 from __future__ import annotations
@@ -31,6 +36,18 @@ except ImportError:  # pragma: no cover - uvicorn[standard] brings httptools eve
     _BaseHttpProtocol = None  # type: ignore[assignment,misc]
 
 log = logging.getLogger(__name__)
+
+#: The scope extension holding a callable that drops the connection now (discarding what is unsent).
+ABORT_EXTENSION = "chroma.abort_connection"
+
+
+def abort_connection(scope: dict[str, Any]) -> bool:
+    """Drop the request's connection at once; False when the server gives no way to (not our protocols)."""
+    abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+    if abort is None:
+        return False
+    abort()
+    return True
 
 
 def _error_response(status: int, message: str, code: str) -> bytes:
@@ -121,6 +138,8 @@ def guarded_http_protocol(*, header_timeout_s: float, max_header_bytes: int,
         def on_headers_complete(self) -> None:
             self._headers_done()
             super().on_headers_complete()
+            # The request's task starts on the next loop turn, so the scope it gets has the hook.
+            self.scope.setdefault("extensions", {})[ABORT_EXTENSION] = self.transport.abort
 
     return GuardedHttpProtocol
 
@@ -136,3 +155,9 @@ class CleanRefusalWebSocketProtocol(WebSocketsSansIOProtocol):
         await super().send(message)
         if message.get("type") == "websocket.http.response.body" and not message.get("more_body", False):
             self.handshake_complete = True
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)  # absent when the handshake itself was refused
+        if scope is not None:
+            scope.setdefault("extensions", {})[ABORT_EXTENSION] = self.transport.abort

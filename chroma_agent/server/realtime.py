@@ -29,7 +29,8 @@ from fastapi.responses import JSONResponse
 from starlette.websockets import WebSocketState
 
 from chroma_agent.audio import pcm16_to_float, resample
-from chroma_agent.engine.conversation import Conversation, ConversationError, TurnRef
+from chroma_agent.engine.context import ContextError
+from chroma_agent.engine.conversation import Conversation, ConversationError, Pending, TurnRef
 from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, TextDelta
 from chroma_agent.engine.sampling import SamplingParams
@@ -64,8 +65,10 @@ from chroma_agent.realtime_protocol import (
     new_id,
     parse_client_event,
 )
+from chroma_agent.server.connections import abort_connection
 from chroma_agent.server.errors import APIError
 from chroma_agent.server.metrics import ServerMetrics
+from chroma_agent.server.priority import in_background
 from chroma_agent.server.security import bearer_token, key_matches
 from chroma_agent.server.settings import ServerSettings
 from chroma_agent.server.voice_choice import (
@@ -86,8 +89,12 @@ CLOSE_POLICY = 1008
 CLOSE_TRY_AGAIN = 1013
 CLOSE_INTERNAL = 1011
 FLOOD_BURSTS = 2.0  # dropped messages beyond this many seconds' worth of the rate close the connection
+CLOSE_GOING_AWAY = 1001  # what OpenAI closes with when a session hits its maximum duration
 RESPONSE_STOP_WAIT_S = 5.0  # how long a closing connection waits for its reply task to unwind
-MAX_ITEMS = 1024  # items a session remembers by id (the engine's context keeps far fewer turns)
+LAST_WORDS_S = 1.0  # how long an ending session tries to deliver its last error and close frame
+# Client messages read but not yet handled, in bytes: the reader keeps reading (so the rate limit sees when
+# messages arrive, not when a busy handler gets to them) up to this much, then waits (TCP backpressure).
+INBOX_BYTES = 32 * 1024 * 1024
 
 
 @router.websocket("/v1/realtime")
@@ -340,6 +347,14 @@ class RealtimeConnection:
         self.max_buffer_bytes = int(limit_s * SAMPLE_RATE) * SAMPLE_WIDTH
         self._send_lock = asyncio.Lock()
         self._closed = False
+        self._last_activity = time.monotonic()  # a client message arrived or an event was delivered
+        self._send_waited = 0.0  # seconds spent waiting for the client to take events (stall guard)
+        self._audio_taken = 0.0  # seconds of reply audio it took
+        self._stalled = asyncio.Event()
+        self._inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._inbox_bytes = 0
+        self._inbox_room = asyncio.Event()
+        self._inbox_room.set()
         rate = self.settings.ws_messages_per_second
         self._tokens = rate
         self._excess = 0.0
@@ -359,7 +374,7 @@ class RealtimeConnection:
             if not await self._open():
                 return
             await self._send(self.events.session_created(self._session_payload()))
-            await self._read_loop()
+            await self._serve()
         except _Disconnected:
             pass
         except Exception:  # a bug must not leak the slot; the client gets a last error when it can
@@ -424,9 +439,15 @@ class RealtimeConnection:
 
     # --- sending --------------------------------------------------------------------------------------------
 
-    async def _send(self, event: dict[str, Any] | None, *, unless: Callable[[], bool] | None = None) -> bool:
+    async def _send(self, event: dict[str, Any] | None, *, unless: Callable[[], bool] | None = None,
+                    audio_s: float = 0.0) -> bool:
         """Send one event; with `unless`, only if it is still false once this send's turn comes (checked under the
-        send lock, so a flag set before another event is queued keeps this one from going out after it)."""
+        send lock, so a flag set before another event is queued keeps this one from going out after it).
+
+        A client that stops reading fills the socket's buffers, and then each send waits for it. The waiting is
+        counted against the reply audio (`audio_s`) the client took: `stream_stall_s` beyond it and the client is
+        treated as gone (a listener playing in real time never falls behind; a slow server never waits here).
+        """
         if event is None:
             return False
         if self._closed:
@@ -435,11 +456,26 @@ class RealtimeConnection:
         async with self._send_lock:
             if unless is not None and unless():
                 return False
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            allowed = self.settings.stream_stall_s + self._audio_taken - self._send_waited
             try:
-                await self.ws.send_text(text)
+                await asyncio.wait_for(self.ws.send_text(text), timeout=max(0.0, allowed))
+            except asyncio.TimeoutError:  # TimeoutError itself only from 3.11 on
+                self._send_waited += loop.time() - started
+                log.warning("realtime session %s: the client stopped reading (waited %.1f s for it, it took %.1f s "
+                            "of audio; stream_stall_s %g): ending the session", self.session_id,
+                            self._send_waited, self._audio_taken, self.settings.stream_stall_s)
+                self.metrics.errors.labels("client_stalled").inc()
+                self._closed = True
+                self._stalled.set()
+                raise _Disconnected from None
             except Exception as exc:  # WebSocketDisconnect, ClientDisconnected, RuntimeError after close
                 self._closed = True
                 raise _Disconnected from exc
+            self._send_waited += loop.time() - started
+            self._audio_taken += audio_s
+            self._last_activity = time.monotonic()
         return True
 
     async def _send_error(self, exc: ProtocolError) -> None:
@@ -447,6 +483,30 @@ class RealtimeConnection:
         await self._send(self.events.from_protocol_error(exc))
 
     # --- reading --------------------------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        """Three tasks until one ends: the reader (socket -> inbox, rate limits), the handler (inbox -> events,
+        one at a time, in order) and the watchdog (idle timeout, maximum duration, a stalled client)."""
+        reader = asyncio.create_task(self._read_socket(), name=f"realtime-read-{self.session_id}")
+        handler = asyncio.create_task(self._handle_inbox(), name=f"realtime-handle-{self.session_id}")
+        watchdog = asyncio.create_task(self._watch(), name=f"realtime-watch-{self.session_id}")
+        tasks = (reader, handler, watchdog)
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in (reader, handler):
+            if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, _Disconnected):
+                raise exc
+        if watchdog.cancelled() or watchdog.exception() is not None:
+            return
+        reason = watchdog.result()
+        if reason is not None:
+            await self._end_session(*reason)
+        else:  # stalled: nothing can reach the client any more
+            abort_connection(self.ws.scope)
 
     def _admit(self) -> bool:
         """Token bucket: `ws_messages_per_second` with a one-second burst."""
@@ -461,27 +521,52 @@ class RealtimeConnection:
         self._excess += 1.0
         return False
 
-    async def _read_loop(self) -> None:
+    async def _read_socket(self) -> None:
+        """Read client messages as they arrive and queue them for the handler: sizes and rates are judged here,
+        at arrival, so a handler that fell behind (a busy engine, a slow send) never makes a client that keeps
+        to the rate look like a flood when the backlog is handled."""
         limit = self.settings.max_ws_message_bytes
-        while True:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            text = message.get("text")
-            if not self._admit():
-                if not await self._rate_limited(text):
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
                     return
+                self._last_activity = time.monotonic()
+                text = message.get("text")
+                if not self._admit():
+                    if not await self._rate_limited(text):
+                        return
+                    continue
+                if text is None:
+                    self._inbox.put_nowait(("error", ProtocolError(
+                        ErrorCode.BINARY_NOT_SUPPORTED, "binary messages are not supported; send JSON text events")))
+                    continue
+                size = len(text) if len(text) * 4 <= limit else len(text.encode("utf-8"))
+                if size > limit:
+                    self._inbox.put_nowait(("error", ProtocolError(
+                        ErrorCode.MESSAGE_TOO_LARGE, f"message of {size} bytes exceeds the limit of {limit} bytes",
+                        event_id=_peek_event_id(text[:4096]))))
+                    continue
+                self._inbox_bytes += size
+                self._inbox.put_nowait(("event", (text, size)))
+                if self._inbox_bytes > INBOX_BYTES:
+                    self._inbox_room.clear()
+                    await self._inbox_room.wait()
+        finally:
+            self._inbox.put_nowait(("end", None))
+
+    async def _handle_inbox(self) -> None:
+        while True:
+            kind, value = await self._inbox.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                await self._send_error(value)
                 continue
-            if text is None:
-                await self._send_error(ProtocolError(ErrorCode.BINARY_NOT_SUPPORTED,
-                                                     "binary messages are not supported; send JSON text events"))
-                continue
-            size = len(text) if len(text) * 4 <= limit else len(text.encode("utf-8"))
-            if size > limit:
-                await self._send_error(ProtocolError(ErrorCode.MESSAGE_TOO_LARGE,
-                                                     f"message of {size} bytes exceeds the limit of {limit} bytes",
-                                                     event_id=_peek_event_id(text[:4096])))
-                continue
+            text, size = value
+            self._inbox_bytes -= size
+            if self._inbox_bytes <= INBOX_BYTES:
+                self._inbox_room.set()
             try:
                 event = parse_client_event(text)
                 await self._dispatch(event)
@@ -507,10 +592,57 @@ class RealtimeConnection:
         now = time.monotonic()
         if now - self._last_rate_error >= 1.0:
             self._last_rate_error = now
-            await self._send_error(ProtocolError(
+            self._inbox.put_nowait(("error", ProtocolError(
                 ErrorCode.RATE_LIMITED, f"too many messages: at most {rate:g} per second; this message was dropped",
-                event_id=_peek_event_id((text or "")[:4096])))
+                event_id=_peek_event_id((text or "")[:4096]))))
         return True
+
+    # --- the session's end ----------------------------------------------------------------------------------
+
+    async def _watch(self) -> tuple[str, str] | None:
+        """Sleep until the session must end: idle (no client message, no event delivered), too old, or stalled.
+        Returns (error message, close reason), or None when the client just stopped reading (nothing can be
+        delivered to it any more)."""
+        idle_s = self.settings.realtime_idle_timeout_s
+        max_s = self.settings.realtime_max_session_s
+        opened = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if max_s is not None and now >= opened + max_s:
+                return (f"Your session hit the maximum duration of {_duration(max_s)} (realtime_max_session_s).",
+                        "session expired: maximum duration")
+            if idle_s is not None and now >= self._last_activity + idle_s:
+                return (f"Your session was idle for {_duration(idle_s)}: no client event arrived and no event was "
+                        "delivered (realtime_idle_timeout_s).", "session expired: idle")
+            wake = min(t for t in (opened + max_s if max_s is not None else math.inf,
+                                   self._last_activity + idle_s if idle_s is not None else math.inf, now + 60.0))
+            try:
+                await asyncio.wait_for(self._stalled.wait(), timeout=max(0.01, wake - now))
+            except asyncio.TimeoutError:  # TimeoutError itself only from 3.11 on
+                continue
+            return None
+
+    async def _end_session(self, message: str, close_reason: str) -> None:
+        """End the session as OpenAI ends an expired one: the running reply stops, an `error` (session_expired),
+        then close 1001. Both are tried for a moment; a client that does not take them is dropped."""
+        log.info("realtime session %s: %s", self.session_id, message)
+        self.metrics.errors.labels(f"realtime_{ErrorCode.SESSION_EXPIRED}").inc()
+        resp = self.response
+        if resp is not None:
+            self._cancel(resp, "client_cancelled")
+            if resp.task is not None and not resp.task.done():
+                resp.task.cancel()
+                await asyncio.wait([resp.task], timeout=RESPONSE_STOP_WAIT_S)
+
+        async def last_words() -> None:
+            await self._send(self.events.error(message, code=ErrorCode.SESSION_EXPIRED))
+            await self.ws.close(CLOSE_GOING_AWAY, close_reason)
+
+        try:
+            await asyncio.wait_for(last_words(), timeout=LAST_WORDS_S)
+        except (asyncio.TimeoutError, _Disconnected, RuntimeError):
+            abort_connection(self.ws.scope)
+        self._closed = True
 
     async def _dispatch(self, event) -> None:
         handler = {
@@ -582,6 +714,8 @@ class RealtimeConnection:
         s, eid = event.session, event.event_id
         fields = s.model_fields_set
         # 1. validate everything, apply nothing
+        if isinstance(s.instructions, str):
+            self._require_text(len(s.instructions), "session.instructions", eid)
         modality = self.modality
         for name in ("output_modalities", "modalities"):
             modality = _modality(getattr(s, name), f"session.{name}", eid) or modality
@@ -721,10 +855,14 @@ class RealtimeConnection:
         self.buffer_start_ms = int(self.input_ms_total)
         if audio_ms(len(pcm)) < MIN_COMMIT_MS:
             return False
+        await self._require_room(event_id)
         rate = self.engine.processor.audio_sample_rate
-        clip = await asyncio.to_thread(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)  # off the event loop
+        clip = await in_background(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)  # off the event loop
         try:
             turns = await self._add_turns([(self.conv.add_user_audio, (clip, rate))])
+        except ContextError as exc:
+            raise ProtocolError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"the input audio cannot be used: {exc}",
+                                event_id=event_id) from None
         except (ValueError, ConversationError) as exc:
             raise ProtocolError(ErrorCode.INVALID_AUDIO, f"the input audio cannot be used: {exc}",
                                 event_id=event_id) from None
@@ -762,16 +900,44 @@ class RealtimeConnection:
         """Remove turns from the context; the KV cache stays valid up to the first removed turn."""
         if self.conv is not None and turns:
             return self.conv.remove_turns(turns)
-        return asyncio.sleep(0)
+        nothing: Pending[None] = Pending()  # awaitable or not: callers that only queue the edit do not await it
+        nothing.set_result(None)
+        return nothing
 
     async def _prune_items(self) -> None:
-        """Forget turns the engine dropped from the context (long sessions), and the oldest items beyond a cap."""
+        """Forget the items whose turns the engine dropped from the context (long sessions keep the latest turns
+        that fit), then the oldest beyond `max_items`; the latest assistant audio item stays (truncation)."""
         alive = {t.id for t in (await self.conv.inspect()).turns}
+        kept = []
         for item in self.items:
-            if item.turns:
-                item.turns = [t for t in item.turns if t.id in alive]
-        if len(self.items) > MAX_ITEMS:
-            del self.items[: len(self.items) - MAX_ITEMS]
+            had = bool(item.turns)
+            item.turns = [t for t in item.turns if t.id in alive]
+            if had and not item.turns and item is not self.latest_audio_item:
+                continue  # the model no longer sees it
+            kept.append(item)
+        limit = self.settings.max_items
+        if len(kept) > limit:
+            kept = [i for i in kept[:-limit] if i is self.latest_audio_item] + kept[-limit:]
+        self.items = kept
+
+    async def _require_room(self, event_id: str | None) -> None:
+        """A new client item (created or committed) must fit the conversation's `max_items` (items whose turns
+        the context has dropped do not count: they are forgotten first)."""
+        limit = self.settings.max_items
+        if len(self.items) >= limit:
+            await self._prune_items()
+        if len(self.items) >= limit:
+            raise ProtocolError(ErrorCode.TOO_MANY_ITEMS, f"the conversation holds {len(self.items)} items; at most "
+                                f"{limit} (max_items): delete items (conversation.item.delete) before adding more",
+                                param="item", event_id=event_id)
+
+    def _require_text(self, chars: int, param: str, event_id: str | None) -> None:
+        """Text is counted before it is tokenized: one turn's (an item's parts together, instructions) fits
+        `max_turn_chars`."""
+        limit = self.settings.max_turn_chars
+        if chars > limit:
+            raise ProtocolError(ErrorCode.TEXT_TOO_LONG, f"{param}: {chars} characters of text (an item's parts count "
+                                f"together); at most {limit} per turn (max_turn_chars)", param=param, event_id=event_id)
 
     def _item_body(self, item: _Item) -> dict[str, Any]:
         return self.events.message_item(item.id, item.role, item.content, item.status)
@@ -802,9 +968,11 @@ class RealtimeConnection:
         if item.id is not None and any(i.id == item.id for i in self.items):
             raise ProtocolError(ErrorCode.DUPLICATE_ITEM_ID, f"an item with id {item.id!r} already exists",
                                 param="item.id", event_id=eid)
+        await self._require_room(eid)
         calls, content, texts = [], [], []
         user_parts: list = []
         conv = self.conv
+        chars = audio_bytes = 0
 
         def flush_text():
             if texts:
@@ -819,12 +987,23 @@ class RealtimeConnection:
                 if part.audio is None:
                     raise ProtocolError(ErrorCode.MISSING_PARAMETER, "an input_audio part needs 'audio'",
                                         param=f"{param}.audio", event_id=eid)
-                pcm = b64_to_pcm(part.audio, param=f"{param}.audio", max_bytes=self.max_buffer_bytes, event_id=eid)
+                room = self.max_buffer_bytes - audio_bytes
+                try:
+                    pcm = b64_to_pcm(part.audio, param=f"{param}.audio", max_bytes=room, event_id=eid)
+                except ProtocolError as exc:
+                    if exc.code != ErrorCode.AUDIO_TOO_LARGE:
+                        raise
+                    limit_s = self.max_buffer_bytes / (SAMPLE_RATE * SAMPLE_WIDTH)
+                    raise ProtocolError(ErrorCode.INVALID_AUDIO, f"the item's audio is longer than {limit_s:g} s in "
+                                        "all (max_audio_seconds)", param=f"{param}.audio", event_id=eid) from None
+                audio_bytes += len(pcm)
                 if audio_ms(len(pcm)) < MIN_COMMIT_MS:
                     raise ProtocolError(ErrorCode.INVALID_AUDIO, f"audio must be at least {MIN_COMMIT_MS}ms long",
                                         param=f"{param}.audio", event_id=eid)
                 rate = self.engine.processor.audio_sample_rate
-                user_parts.append((resample(pcm16_to_float(pcm), SAMPLE_RATE, rate), rate))
+                # minutes of audio take a while to resample: not on the event loop every session shares
+                clip = await in_background(resample, pcm16_to_float(pcm), SAMPLE_RATE, rate)
+                user_parts.append((clip, rate))
                 content.append(self.events.user_audio_content(part.transcript))
                 continue
             allowed = {"user": ("input_text",), "system": ("input_text",),
@@ -834,10 +1013,12 @@ class RealtimeConnection:
                                     f"{item.role!r} (expected one of {list(allowed)})", param=f"{param}.type",
                                     event_id=eid)
             text = part.transcript if kind in ("output_audio", "audio") else part.text
+            what = "transcript" if kind in ("output_audio", "audio") else "text"
             if not isinstance(text, str) or not text.strip():
-                what = "transcript" if kind in ("output_audio", "audio") else "text"
                 raise ProtocolError(ErrorCode.MISSING_PARAMETER, f"a {kind} part needs a non-empty '{what}'",
                                     param=f"{param}.{what}", event_id=eid)
+            chars += len(text)
+            self._require_text(chars, f"{param}.{what}", eid)
             if item.role == "user":
                 user_parts.append(text)
                 content.append(self.events.user_text_content(text))
@@ -852,6 +1033,9 @@ class RealtimeConnection:
             calls.append((conv.add_user_message, (user_parts,)))
         try:
             turns = await self._add_turns(calls)
+        except ContextError as exc:
+            raise ProtocolError(ErrorCode.CONTEXT_LENGTH_EXCEEDED, f"the item cannot be added: {exc}", param="item",
+                                event_id=eid) from None
         except (ValueError, ConversationError) as exc:
             raise ProtocolError(ErrorCode.INVALID_VALUE, f"the item cannot be added: {exc}", param="item",
                                 event_id=eid) from None
@@ -921,6 +1105,8 @@ class RealtimeConnection:
             self._start_response(eid, None)
             return
         fields = p.model_fields_set
+        if isinstance(p.instructions, str):
+            self._require_text(len(p.instructions), "response.instructions", eid)
         modality = self.modality
         for name in ("output_modalities", "modalities"):
             modality = _modality(getattr(p, name), f"response.{name}", eid) or modality
@@ -1017,6 +1203,7 @@ class RealtimeConnection:
 
             done: ResponseDone | None = None
             failure: str | None = None
+            failure_code = "engine_error"
             parts: list[str] = []
             started = False
             if not resp.cancel_requested:
@@ -1029,7 +1216,8 @@ class RealtimeConnection:
                             if resp.cancel_requested:
                                 conv.cancel()  # then drain to ResponseDone: nothing more is sent
                             if isinstance(out, AudioChunk):
-                                if await self._send(ev.audio_delta(resp.id, item.id, out.pcm16()), unless=cancelled):
+                                if await self._send(ev.audio_delta(resp.id, item.id, out.pcm16()), unless=cancelled,
+                                                    audio_s=FRAME_MS / 1000):
                                     resp.frames_sent += 1
                                     item.audio_ms = resp.sent_ms()
                                     if resp.first_sent_at is None:
@@ -1042,10 +1230,13 @@ class RealtimeConnection:
                                 done = out
                             elif isinstance(out, ResponseError):
                                 failure = out.message
-                except (ValueError, ConversationError) as exc:  # refused before it started (context, limits)
+                except ContextError as exc:  # the conversation's last turn leaves no room for the reply
+                    item.submitted = False
+                    failure, failure_code = str(exc), ErrorCode.CONTEXT_LENGTH_EXCEEDED
+                except (ValueError, ConversationError) as exc:  # refused before it started
                     item.submitted = False
                     failure = str(exc)
-            await self._finish_response(resp, item, previous, done, failure, parts, started)
+            await self._finish_response(resp, item, previous, done, failure, parts, started, failure_code)
         except (_Disconnected, asyncio.CancelledError):
             pass
         except Exception:
@@ -1073,11 +1264,13 @@ class RealtimeConnection:
         return cut
 
     async def _finish_response(self, resp: _Response, item: _Item, previous: str | None, done: ResponseDone | None,
-                               failure: str | None, parts: list[str], started: bool) -> None:
+                               failure: str | None, parts: list[str], started: bool,
+                               failure_code: str = "engine_error") -> None:
         ev, conv = self.events, self.conv
         details = None
         if failure is not None:
-            status, details = "failed", {"type": "failed", "error": {"type": "server_error", "code": "engine_error",
+            kind = "invalid_request_error" if failure_code == ErrorCode.CONTEXT_LENGTH_EXCEEDED else "server_error"
+            status, details = "failed", {"type": "failed", "error": {"type": kind, "code": failure_code,
                                                                      "message": failure}}
         elif done is None or done.reason == "cancelled" or resp.cancel_requested:
             status, details = "cancelled", {"type": "cancelled", "reason": resp.cancel_reason}
@@ -1138,6 +1331,14 @@ class RealtimeConnection:
                 log.exception("realtime session %s: a deferred context edit failed", self.session_id)
         self.response = None
         await self._send(final)
+
+
+def _duration(seconds: float) -> str:
+    """60 minutes, 90 s: OpenAI says "60 minutes" of its own limit."""
+    if seconds >= 60 and seconds % 60 == 0:
+        minutes = int(seconds // 60)
+        return f"{minutes} minute{'s' if minutes != 1 else ''}"
+    return f"{seconds:g} s"
 
 
 def _peek_event_id(text: str) -> str | None:

@@ -14,6 +14,7 @@ from chroma_agent.audio import AudioError, load_audio
 from chroma_agent.engine.engine import Engine
 from chroma_agent.server.chat import load_request_audio
 from chroma_agent.server.errors import APIError
+from chroma_agent.server.priority import in_background
 from chroma_agent.server.schemas import (
     ErrorResponse,
     Voice,
@@ -121,7 +122,7 @@ async def create_voice(request: Request) -> Voice:
     name = _valid_name(body.name)
     if not body.overwrite and name in engine.voices:
         raise _exists(name)  # before cloning: the codec's work would be thrown away
-    profile = await run_in_threadpool(_clone, engine, request, body, audio_field)
+    profile = await in_background(_clone, engine, request, body, audio_field)
     try:
         await run_in_threadpool(engine.voices.save, profile, overwrite=body.overwrite)
     except VoiceError as exc:
