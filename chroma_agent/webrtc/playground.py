@@ -14,8 +14,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from chroma_agent.engine.engine import Engine, EngineBusyError, EngineConfig
+from chroma_agent.vad import silero_session
 from chroma_agent.voices import VoiceProfile
-from chroma_agent.webrtc.session import PeerSession
+from chroma_agent.webrtc.session import PeerSession, use_loopback_only
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,12 @@ def create_app(
     instructions: str = DEFAULT_INSTRUCTIONS,
     notice: str | None = None,
 ) -> FastAPI:
-    """The playground app; the caller owns `engine` (the app closes its sessions, not the engine)."""
+    """The playground app; the caller owns `engine` (the app closes its sessions, not the engine).
+
+    Starting a playground keeps this process's WebRTC media on loopback and loads Silero (once per process)
+    here, before any page connects, rather than in the first offer's handler on the event loop."""
+    use_loopback_only()
+    silero_session()
     sessions: dict[str, PeerSession] = {}
 
     @asynccontextmanager
