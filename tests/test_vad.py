@@ -12,7 +12,15 @@ import soundfile as sf
 import soxr
 
 from chroma_agent.audio import StreamResampler, pcm16_to_mono, resample, to_pcm16
-from chroma_agent.vad import VAD_RATE, WINDOW, SileroVad, SpeechStarted, TurnDetector, TurnEnded, silero_session
+from chroma_agent.vad import (
+    VAD_RATE,
+    WINDOW,
+    SileroVad,
+    SpeechStarted,
+    TurnDetector,
+    TurnEnded,
+    silero_session,
+)
 
 
 def loud_prob(window: np.ndarray) -> float:
