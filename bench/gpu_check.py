@@ -278,10 +278,12 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(4):
                     await conv.add_user_audio(user, rate)
                     t = time.perf_counter()
-                    async for event in conv.respond(max_frames=8):
+                    stream = conv.respond(max_frames=8)
+                    async for event in stream:
                         if isinstance(event, AudioChunk):
                             times.append((time.perf_counter() - t) * 1000)
                             break
+                    await stream.aclose()
                     await asyncio.sleep(0.2)
                 await conv.close()
                 return times

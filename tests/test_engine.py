@@ -438,3 +438,77 @@ def test_a_conversation_without_a_voice_replies_with_text_only(engine, case):
     voice, done = asyncio.run(run())
     assert voice is None
     assert isinstance(done, ResponseDone) and done.usage.text_tokens <= 3 and done.usage.audio_frames == 0
+
+
+def test_chunked_prefill_gives_the_same_reply_as_one_piece(parts, tmp_path, voice, case, user_audio,
+                                                          golden_outputs):
+    """The golden prompt prefilled 16 tokens and one 2 s audio window at a time, between decode steps."""
+    model, processor = parts
+    eng = Engine(model, processor, EngineConfig(max_sessions=2, prefill_chunk_tokens=16, prefill_audio_windows=1),
+                 voices=VoiceStore(tmp_path), sampling=GREEDY)
+    try:
+        async def run():
+            conv = await eng.open_conversation(voice, case["system_prompt"])
+            await conv.add_user_audio(*user_audio)
+            return await collect(conv, max_frames=32)
+
+        events, done = asyncio.run(run())
+        np.testing.assert_array_equal(codes_of(events), golden_outputs["frames"])
+        assert eng.stats["prefill_pieces"] >= 114 // 16 + 2  # 8 token chunks and the clip's 2 windows
+    finally:
+        eng.close()
+
+
+def test_seeded_sampled_replies_are_the_same_alone_and_batched(engine, voice, case, user_audio):
+    seeded = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=7)
+
+    async def reply(sampling, others: int = 0):
+        async def one(params, text):
+            conv = await engine.open_conversation(voice, case["system_prompt"])
+            await conv.add_user_text(text)
+            events, _ = await collect(conv, max_frames=16, sampling=params)
+            await conv.close()
+            return codes_of(events)
+
+        background = [one(SamplingParams(temperature=0.7, seed=100 + i), f"Other {i}.") for i in range(others)]
+        results = await asyncio.gather(one(sampling, "Tell me a story."), *background)
+        return results[0]
+
+    alone = asyncio.run(reply(seeded))
+    again = asyncio.run(reply(seeded))
+    batched = asyncio.run(reply(seeded, others=2))
+    other_seed = asyncio.run(reply(SamplingParams(temperature=0.9, top_k=50, top_p=0.95, seed=8)))
+    np.testing.assert_array_equal(alone, again)
+    np.testing.assert_array_equal(alone, batched)
+    assert alone.shape != other_seed.shape or not np.array_equal(alone, other_seed)
+
+
+def test_a_new_reply_may_follow_a_cancel_at_once(engine, voice, case, user_audio):
+    async def run():
+        conv = await engine.open_conversation(voice, case["system_prompt"])
+        await conv.add_user_audio(*user_audio)
+        first = conv.respond(max_frames=100)
+        async for event in first:
+            if isinstance(event, AudioChunk):
+                break
+        conv.cancel()  # a barge-in: the next reply is asked for before the first has wound down
+        await conv.add_user_text("Stop. What about tomorrow?")
+        second = [e async for e in conv.respond(max_frames=4)]
+        rest = [e async for e in first]
+        return rest, second
+
+    rest, second = asyncio.run(run())
+    assert isinstance(rest[-1], ResponseDone) and rest[-1].reason == "cancelled"
+    assert isinstance(second[-1], ResponseDone) and second[-1].usage.audio_frames == 4
+
+
+def test_streamed_text_equals_the_whole_decode_for_multi_byte_text(parts):
+    from chroma_agent.engine.engine import _Detokenizer
+
+    _, processor = parts
+    text = "Grüße aus Köln 🎉 — naïve café, 東京 ok"
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = _Detokenizer(lambda chunk: processor.decode_text(chunk, skip_special_tokens=True))
+    deltas = [detok.push(t) for t in ids]
+    assert "".join(deltas) == processor.decode_text(ids, skip_special_tokens=True) == text
+    assert all("\ufffd" not in d for d in deltas) and len(ids) > len(text.split())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
-import heapq
 import logging
 import queue
 import threading
@@ -108,6 +107,7 @@ class _Reply:
     running: bool = False  # its row takes part in steps
     on_device: bool = False  # what the host last wrote to the row's active flag
     inflight: int = 0  # launched steps whose results were not read yet
+    steps_read: int = 0  # step results read for it (the first one checked its prefill for non-finite values)
     finished: bool = False
     truncate_ms: float | None = None
     frames: int = 0
@@ -198,8 +198,7 @@ class Engine:
 
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._free_rows = list(range(cfg.max_sessions))
-        self._waiters: list[tuple[float, int, Callable, Pending]] = []  # (deadline, order, make, future)
-        self._waiter_order = 0
+        self._waiters: list[tuple[float, Callable, Pending]] = []  # (deadline, make, future), arrival order
         self._sessions: dict[str, _Session] = {}
         self._prefilling: list[_Reply] = []
         self._ready: list[_Reply] = []
@@ -323,37 +322,34 @@ class Engine:
             return
         session = self._sessions.get(sid)
         if session is None:
-            if not future.done():
-                future.set_exception(ConversationError(f"conversation {sid} is closed"))
+            _settle(future, exc=ConversationError(f"conversation {sid} is closed"))
             return
         session.held[seq] = (apply, value, exc, future)
         while session.next_seq in session.held:
             apply, value, exc, future = session.held.pop(session.next_seq)
             session.next_seq += 1
             if session.closed:
-                future.set_exception(ConversationError(f"conversation {sid} is closed"))
+                _settle(future, exc=ConversationError(f"conversation {sid} is closed"))
                 continue
             self._run(apply, session, value, exc, future)
 
     def _run(self, apply: Callable, session: _Session | None, value: Any, exc: BaseException | None,
              future: Pending) -> None:
         if exc is not None:
-            future.set_exception(exc)
+            _settle(future, exc=exc)
             return
         try:
             result = apply(session, value)
         except Exception as error:  # a bad command fails its caller only
-            if not future.done():
-                future.set_exception(error)
+            _settle(future, exc=error)
             return
-        if not future.done():
-            future.set_result(result)
+        _settle(future, result=result)
 
     def _shutdown(self) -> None:
         for session in list(self._sessions.values()):
             self.apply_close(session, None)
-        for _, _, _, future in self._waiters:
-            future.set_exception(RuntimeError("the engine is closed"))
+        for _, _, future in self._waiters:
+            _settle(future, exc=RuntimeError("the engine is closed"))
         self._waiters.clear()
         self._stop = True
 
@@ -390,13 +386,13 @@ class Engine:
 
         def store(job: concurrent.futures.Future) -> None:
             if job.exception() is not None:
-                saved.set_exception(job.exception())
+                _settle(saved, exc=job.exception())
                 return
             try:
                 self.voices.save(job.result(), overwrite=True)
-                saved.set_result(job.result())
+                _settle(saved, result=job.result())
             except Exception as exc:
-                saved.set_exception(exc)
+                _settle(saved, exc=exc)
 
         cloned.add_done_callback(lambda job: self.pool.submit(store, job))
         return saved
@@ -479,8 +475,7 @@ class Engine:
                 return make(self._free_rows.pop(0))
             if wait_s <= 0:
                 raise EngineBusyError(f"all {self.config.max_sessions} conversation slots are in use")
-            self._waiter_order += 1
-            heapq.heappush(self._waiters, (time.monotonic() + wait_s, self._waiter_order, make, future))
+            self._waiters.append((time.monotonic() + wait_s, make, future))  # in arrival order
             return future
 
         outer: Pending[Conversation] = Pending()
@@ -504,22 +499,20 @@ class Engine:
     def _grant_waiters(self) -> None:
         """Freed slots go to the waiters at once, in arrival order; expired waits fail."""
         now = time.monotonic()
-        waiting = sorted(self._waiters, key=lambda w: w[1])
-        self._waiters = []
-        for deadline, order, make, future in waiting:
-            if future.cancelled() or future.done():
+        waiting, self._waiters = self._waiters, []
+        for deadline, make, future in waiting:
+            if future.done():  # the caller gave up
                 continue
             if self._free_rows:
-                try:
-                    future.set_result(make(self._free_rows.pop(0)))
-                except Exception as exc:
-                    future.set_exception(exc)
+                row = self._free_rows.pop(0)
+                conv = make(row)
+                if not _settle(future, result=conv):  # gave up at this very moment: give the slot back
+                    self.apply_close(self._sessions[conv.id], None)
             elif deadline <= now:
-                future.set_exception(EngineBusyError(f"all {self.config.max_sessions} conversation slots are "
-                                                     "in use (waited for one)"))
+                _settle(future, exc=EngineBusyError(f"all {self.config.max_sessions} conversation slots are in "
+                                                    "use (waited for one)"))
             else:
-                self._waiters.append((deadline, order, make, future))
-        heapq.heapify(self._waiters)
+                self._waiters.append((deadline, make, future))
 
     def apply_close(self, session: _Session, _: Any) -> None:
         if session.closed:
@@ -529,7 +522,7 @@ class Engine:
         session.closed = True
         self._sessions.pop(session.id, None)
         for _, _, _, future in session.held.values():
-            future.set_exception(ConversationError(f"conversation {session.id} is closed"))
+            _settle(future, exc=ConversationError(f"conversation {session.id} is closed"))
         session.held.clear()
         self._free_rows.append(session.row)
         self._free_rows.sort()
@@ -567,7 +560,9 @@ class Engine:
     def apply_respond(self, session: _Session, response: Response, note: Turn | None, max_frames: int | None,
                       sampling: SamplingParams | None, output_audio: bool, max_tokens: int | None) -> None:
         if session.reply is not None:
-            raise ConversationError("a reply is already in progress; cancel it first")
+            if not session.reply.response.cancel_requested:
+                raise ConversationError("a reply is already in progress; cancel it first")
+            self._finish(session.reply, "cancelled")  # cancelled, not yet wound down: end it now
         if not session.context.turns and note is None:
             raise ConversationError("the conversation is empty: add a user turn or instructions first")
         if note is not None:
@@ -743,6 +738,7 @@ class Engine:
                 row = result[reply.row]
                 if not row[k + 1]:
                     continue
+                reply.steps_read += 1
                 events: list = []
                 token, step, finish = int(row[k]), int(row[k + 4]), int(row[k + 3])
                 if token >= 0:
@@ -784,6 +780,12 @@ class Engine:
         reply.finished = True
         reply.response.finished = True
         self._stop_row(reply)
+        if not reply.steps_read and reply.job.done_tokens:
+            # Prefill wrote these slots but no step looked at them: if they hold a non-finite value (nothing
+            # has checked), later masked attention would multiply it by zero and still get NaN. Zero them.
+            first = reply.job.start
+            self.batch.thinker_cache.k[:, reply.row, first : first + reply.job.done_tokens].zero_()
+            self.batch.thinker_cache.v[:, reply.row, first : first + reply.job.done_tokens].zero_()
         for group in (self._prefilling, self._ready, self._running):
             if reply in group:
                 group.remove(reply)
@@ -866,17 +868,23 @@ def _settle(future: concurrent.futures.Future, *, result: Any = None, exc: BaseE
 
 
 class _Detokenizer:
-    """Streams text for growing token ids without splitting multi-byte characters."""
+    """Streams text for growing token ids without splitting multi-byte characters, in O(1) per token.
+
+    Only a window of recent ids is decoded each time (the ids since the last emitted text, plus the ones
+    before them for context), so a long reply costs the engine thread no more per token than a short one.
+    """
 
     def __init__(self, decode):
         self.decode = decode
         self.ids: list[int] = []
-        self.text = ""
+        self.prefix = 0  # window start
+        self.read = 0  # ids up to here are already emitted
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.text):
-            return ""
-        delta, self.text = text[len(self.text):], text
-        return delta
+        before = self.decode(self.ids[self.prefix : self.read])
+        text = self.decode(self.ids[self.prefix :])
+        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
+            return ""  # no new character yet (e.g. half of a multi-byte one)
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(before):]
