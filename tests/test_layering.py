@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"chroma_agent": REPO / "chroma_agent", "livekit.plugins.chroma": REPO / "plugin/livekit/plugins/chroma"}
 PLUGIN = "livekit.plugins.chroma"
 LEAVES = {"chroma_agent.audio", "chroma_agent.frames", "chroma_agent.lazy"}  # import nothing of ours
+TOP = "chroma_agent"  # the public API package; front ends take only __version__ from it
 
 
 def module_files() -> dict[str, Path]:
@@ -161,12 +162,13 @@ ALLOWED = {
     "vad": set(),
     "realtime_protocol": {"engine"},  # engine.params only: the sampling rule (checked below)
     "realtime_client": {"realtime_protocol", "engine"},  # engine.events: replies as the engine's events
-    "server": {"engine", "model", "voices", "realtime_protocol", "vad", "config"},
+    "audio_encode": set(),
+    "server": {"engine", "model", "voices", "realtime_protocol", "vad", "config", "audio_encode", TOP},
     "webrtc": {"engine", "model", "voices", "vad", "config"},
     # the packaged LiveKit worker is made of the plugin: the one front end another one builds on
     "worker": {"engine", "voices", "config", "worker_config", "plugin"},
     "worker_config": {"voices"},
-    "plugin": {"engine", "voices", "realtime_client", "realtime_protocol", "chroma_agent"},
+    "plugin": {"engine", "voices", "realtime_client", "realtime_protocol", TOP},
 }
 
 

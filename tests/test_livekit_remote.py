@@ -24,8 +24,8 @@ from livekit.agents import AgentSession, APIConnectionError, APIStatusError, llm
 from livekit.agents.metrics import RealtimeModelMetrics
 from livekit.plugins import chroma
 from livekit.plugins.chroma.realtime.backend import SamplingOverrides, VoiceSpec
-from livekit.plugins.chroma.realtime.realtime_model import MAX_AHEAD_FRAMES
 from livekit.plugins.chroma.realtime.remote import RemoteBackend, RemoteConversation, ServerBusyError
+from livekit.plugins.chroma.realtime.session import MAX_AHEAD_FRAMES
 from test_livekit_plugin import (  # one definition of the room-less I/O
     GOLDEN_FRAMES,
     GOLDEN_SECONDS,

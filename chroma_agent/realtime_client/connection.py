@@ -1,25 +1,5 @@
-"""A client of a ``chroma-agent serve`` server's ``/v1/realtime`` WebSocket: the OpenAI Realtime protocol as
-:mod:`chroma_agent.realtime_protocol` defines it, replies as the engine's own events.
-
-:class:`RealtimeClient` says where the server is (URL, API key, timeouts). Its :meth:`~RealtimeClient.connect`
-opens one :class:`ClientConnection`: one WebSocket, which is one server-side conversation (one engine slot,
-freed when the socket closes). The LiveKit plugin's remote mode, the tests and the examples use it.
-
-Each connection has a writer task (client events go out in the order they were made, so a truncate takes
-effect before anything sent after it) and a reader task that parses every server event into its typed model
-and dispatches it: to the request waiting for it (matched by what answers it, or by the ``event_id`` an error
-names), or to the running reply. A reply's events go into a small bounded inbox; when its consumer falls
-behind, the reader stops reading, TCP pushes back, and the server (which awaits every send and never
-generates more than ``lookahead_s`` ahead of what it sent) pauses the reply once the socket buffers are full.
-Nothing is buffered without bound.
-
-A lost connection ends its running reply with a `ResponseError` (``kind="connection_lost"``) and refuses
-every later call with :class:`ConnectionLost`. Reconnecting is a new server conversation: the caller decides
-whether and what to replay (the plugin keeps a replay log of text turns).
-
-Failures are :class:`RealtimeClientError` subclasses, each saying what to do about it (busy: try later;
-refused: fix the request or the key; lost or unreachable: reconnect). Messages never carry the API key.
-"""
+"""One WebSocket to the server = one server-side conversation: a writer task, a reader task that parses and
+dispatches every server event, requests matched to their answers, and the running reply's stream."""
 
 from __future__ import annotations
 
@@ -28,15 +8,11 @@ import contextlib
 import json
 import logging
 import math
-import socket
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
@@ -51,6 +27,8 @@ from chroma_agent.engine.events import (
     Usage,
 )
 from chroma_agent.frames import frames_ms
+from chroma_agent.realtime_client.errors import ConnectionLost, RequestRefused, ServerTimeout
+from chroma_agent.realtime_client.reply import ClientReply, nothing_said
 from chroma_agent.realtime_protocol import (
     SAMPLE_RATE,
     SAMPLE_WIDTH,
@@ -73,233 +51,17 @@ from chroma_agent.realtime_protocol import (
     parse_server_event,
 )
 
-__all__ = [
-    "ClientConnection",
-    "ClientReply",
-    "ConnectionLost",
-    "RealtimeClient",
-    "RealtimeClientError",
-    "RequestRefused",
-    "ServerBusy",
-    "ServerRefused",
-    "ServerTimeout",
-    "ServerUnreachable",
-    "display_url",
-    "nothing_said",
-    "realtime_url",
-]
+log = logging.getLogger("chroma_agent.realtime_client")
 
-log = logging.getLogger(__name__)
+__all__ = ["ClientConnection"]
 
-REALTIME_PATH = "/v1/realtime"
-CONNECT_TIMEOUT_S = 10.0  # TCP + WebSocket handshake + the server's first event (it may wait for a slot)
 ACK_TIMEOUT_S = 30.0  # a client event the server must answer (session.update, commit, item.create)
 REPLY_IDLE_TIMEOUT_S = 60.0  # a reply whose server sends nothing for this long is given up
 CANCEL_WAIT_S = 5.0  # an abandoned reply: how long to wait for the server to end it
 CLOSE_TIMEOUT_S = 2.0
-INBOX_EVENTS = 32  # events of one reply read ahead of its consumer
 APPEND_BYTES = 5 * SAMPLE_RATE * SAMPLE_WIDTH  # input_audio_buffer.append: 5 s of PCM16 per message
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
-# The socket's receive buffer: without a cap, the kernel grows it to megabytes (minutes of audio) before TCP
-# pushes back on the server. 256 KiB is about 4 s of audio deltas.
-RECEIVE_BUFFER_BYTES = 256 * 1024
-
-CLOSE_TRY_AGAIN = 1013  # the server's "no free slot" close code (RFC 6455's "try again later")
 _CLOSED = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSING, aiohttp.WSMsgType.CLOSED)
 _S = ServerEventType
-
-
-# --- errors -------------------------------------------------------------------------------------------------
-
-
-class RealtimeClientError(Exception):
-    """Something between this client and the server failed; the message says what (never the API key)."""
-
-
-class ServerUnreachable(RealtimeClientError):
-    """No session could be started: nothing answers at the URL, or the server closed before a session."""
-
-
-class ConnectionLost(RealtimeClientError):
-    """The connection broke (or was closed); a new one is a new server conversation."""
-
-
-class ServerTimeout(RealtimeClientError):
-    """The server did not answer in time (the connection is given up)."""
-
-
-class ServerBusy(RealtimeClientError):
-    """Every conversation slot of the server is taken (close code 1013): try again later."""
-
-    def __init__(self, url: str, detail: str | None = None):
-        message = f"the Chroma server at {url} is full: every conversation slot is in use; try again later"
-        super().__init__(message + (f" ({detail})" if detail else ""))
-        self.url, self.detail = url, detail
-
-
-class ServerRefused(RealtimeClientError):
-    """The server answered the handshake (or ``/v1/models``) with an HTTP error: a wrong key, a wrong URL."""
-
-    def __init__(self, url: str, status: int):
-        if status in (401, 403):
-            message = (f"the Chroma server at {url} refused the API key (HTTP {status}): pass the server's key as "
-                       "api_key= or in CHROMA_API_KEY")
-        elif status == 404:
-            message = (f"no Chroma realtime endpoint at {url} (HTTP 404): base_url should be the server's root "
-                       "URL, e.g. http://host:8000")
-        else:
-            message = f"the Chroma server at {url} answered HTTP {status}"
-        super().__init__(message)
-        self.url, self.status = url, status
-
-
-class RequestRefused(RealtimeClientError):
-    """The server refused a client event (an ``error`` event naming it); ``code`` is the protocol's."""
-
-    def __init__(self, what: str, error: ProtocolError):
-        super().__init__(f"the Chroma server refused {what}: {error.message} ({error.code})")
-        self.what, self.error, self.code = what, error, error.code
-
-
-# --- URLs ---------------------------------------------------------------------------------------------------
-
-
-def realtime_url(base_url: str) -> str:
-    """``http://host:8000`` (or ``https://``, ``ws://``, ``wss://``, ``.../v1``, ``.../v1/realtime``) to the
-    server's ``ws(s)://host:8000/v1/realtime`` URL (a query string is kept)."""
-    if not isinstance(base_url, str) or not base_url.strip():
-        raise ValueError("remote mode: base_url must be the server's URL, e.g. http://localhost:8000")
-    parts = urlsplit(base_url.strip())
-    scheme = {"http": "ws", "ws": "ws", "https": "wss", "wss": "wss"}.get(parts.scheme.lower())
-    if scheme is None or not parts.hostname:
-        raise ValueError(f"remote mode: base_url must be an http(s):// or ws(s):// URL with a host, "
-                         f"got {display_url(base_url)!r}")
-    path = parts.path.rstrip("/")
-    for suffix in (REALTIME_PATH, "/v1"):
-        if path.endswith(suffix):
-            path = path[: -len(suffix)]
-            break
-    return urlunsplit((scheme, parts.netloc, path + REALTIME_PATH, parts.query, ""))
-
-
-def display_url(url: str) -> str:
-    """A URL without its query and credentials (either may carry a key), for messages and logs."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
-
-
-# --- one reply ----------------------------------------------------------------------------------------------
-
-
-class _Inbox:
-    """A bounded FIFO from the reader task to one reply's consumer; its final event always fits."""
-
-    def __init__(self, size: int = INBOX_EVENTS):
-        self._items: deque[ResponseEvent] = deque()
-        self._size = size
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self.abandoned = False  # the consumer left: everything is dropped
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    async def put(self, item: ResponseEvent) -> None:
-        while len(self._items) >= self._size and not self.abandoned:
-            self._writable.clear()
-            await self._writable.wait()
-        if not self.abandoned:
-            self._items.append(item)
-            self._readable.set()
-
-    def put_final(self, item: ResponseEvent) -> None:
-        if not self.abandoned:
-            self._items.append(item)
-            self._readable.set()
-
-    async def get(self, timeout: float) -> ResponseEvent:
-        while not self._items:
-            self._readable.clear()
-            await asyncio.wait_for(self._readable.wait(), timeout)
-        item = self._items.popleft()
-        self._writable.set()
-        return item
-
-    def abandon(self) -> None:
-        self.abandoned = True
-        self._items.clear()
-        self._writable.set()
-
-
-@dataclass(eq=False)
-class ClientReply:
-    """One reply: made before it is sent, so `cancel` and `truncate` work at any moment of its life.
-
-    A truncation asked for before the server named the reply's item is sent as soon as it does; one after the
-    reply ended is clamped to the audio received and followed by a ``conversation.item.retrieve``, so the
-    connection's ``on_retrieved`` learns the words kept.
-    """
-
-    instructions: str | None = None
-    max_frames: int | None = None
-    inbox: _Inbox = field(default_factory=_Inbox)
-    done: asyncio.Event = field(default_factory=asyncio.Event)  # the server ended it (or the connection did)
-    conn: ClientConnection | None = None
-    event_id: str | None = None  # of its response.create
-    response_id: str | None = None
-    item_id: str | None = None
-    sent: bool = False
-    finished: bool = False  # its final event is in the inbox
-    cancel_requested: bool = False
-    truncate_ms: float | None = None  # a truncation waiting for the item's id
-    frames: int = 0  # audio frames received
-    created: float = field(default_factory=time.perf_counter)
-    first_audio: float | None = None
-
-    def cancel(self) -> None:
-        """Stop the reply (at once if it was not sent yet; else the server ends it within a step)."""
-        if self.finished or self.cancel_requested:
-            return
-        self.cancel_requested = True
-        if self.sent:
-            self._send_cancel()
-
-    def _send_cancel(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.alive and not self.finished:
-            with contextlib.suppress(ConnectionLost):
-                conn.send(ClientEvents.response_cancel(self.response_id), quiet=True)
-
-    def truncate(self, heard_ms: float) -> None:
-        """Keep of the reply in the server's context only what the listener heard (``heard_ms``)."""
-        heard = max(0.0, float(heard_ms)) if math.isfinite(heard_ms) else 0.0
-        if self.item_id is None:  # not sent or not started yet: truncated as soon as its item exists
-            self.truncate_ms = heard
-            return
-        conn = self.conn
-        if conn is None or not conn.alive:
-            return  # that server conversation is gone
-        if self.finished:
-            heard = min(heard, frames_ms(self.frames))
-        try:
-            conn.send(ClientEvents.conversation_item_truncate(self.item_id, int(heard)), quiet=True)
-            if self.finished:  # learn the kept words
-                conn.send(ClientEvents.conversation_item_retrieve(self.item_id), quiet=True)
-        except ConnectionLost:
-            pass
-
-
-def nothing_said() -> ResponseDone:
-    """The end of a reply cancelled before it reached the server."""
-    timings = Timings(time_to_first_audio_ms=None, prefill_ms=0.0, total_ms=0.0, audio_ms=0.0)
-    return ResponseDone(reason="cancelled", text="", usage=Usage(0, 0, 0, 0), timings=timings)
-
-
-# --- one WebSocket ------------------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
@@ -506,7 +268,7 @@ class ClientConnection:
                     await self._dispatch(event)
                 elif msg.type in _CLOSED:
                     code = self.ws.close_code if msg.type != aiohttp.WSMsgType.CLOSE else msg.data
-                    reason = f"the server closed the connection (code {code}{_extra(msg)})"
+                    reason = f"the server closed the connection (code {code}{close_detail(msg)})"
                     break
                 elif msg.type == aiohttp.WSMsgType.ERROR:
                     reason = f"connection error: {self.ws.exception() or msg.data}"
@@ -640,116 +402,14 @@ class ClientConnection:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        await _close_quietly(self.ws, self.http)
+        await close_quietly(self.ws, self.http)
 
 
-def _extra(msg: aiohttp.WSMessage) -> str:
+def close_detail(msg: aiohttp.WSMessage) -> str:
     return f", {msg.extra}" if isinstance(msg.extra, str) and msg.extra else ""
 
 
-# --- the server ---------------------------------------------------------------------------------------------
-
-
-class RealtimeClient:
-    """A ``chroma-agent serve`` server; every :meth:`connect` is one WebSocket to its ``/v1/realtime``."""
-
-    def __init__(self, base_url: str, *, api_key: str | None = None, connect_timeout: float = CONNECT_TIMEOUT_S,
-                 reply_timeout: float = REPLY_IDLE_TIMEOUT_S):
-        self.url = realtime_url(base_url)
-        self.display_url = display_url(self.url)
-        self._api_key = api_key or None
-        self.connect_timeout = float(connect_timeout)
-        self.reply_timeout = float(reply_timeout)
-
-    def __repr__(self) -> str:
-        return f"RealtimeClient({self.display_url!r})"
-
-    def _headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-
-    def check(self) -> str | None:
-        """Check now (blocking) that the server answers and takes the API key (``GET /v1/models``); the
-        first model it serves, if it names one."""
-        parts = urlsplit(self.url)
-        scheme = "https" if parts.scheme == "wss" else "http"
-        base = parts.path[: -len(REALTIME_PATH)]
-        url = urlunsplit((scheme, parts.netloc, base + "/v1/models", "", ""))
-        request = urllib.request.Request(url, headers=self._headers())
-        try:
-            with urllib.request.urlopen(request, timeout=self.connect_timeout) as response:
-                body = json.loads(response.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            raise ServerRefused(self.display_url, exc.code) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise ServerUnreachable(f"cannot reach the Chroma server at {self.display_url}: {exc}") from None
-        models = [m.get("id") for m in body.get("data") or [] if isinstance(m, dict)]
-        return str(models[0]) if models else None
-
-    async def connect(self) -> ClientConnection:
-        """A new WebSocket, past the server's ``session.created`` (a new server-side conversation)."""
-        http = aiohttp.ClientSession(connector=_connector())
-        ws: aiohttp.ClientWebSocketResponse | None = None
-        try:
-            ws, first = await asyncio.wait_for(self._handshake(http), self.connect_timeout)
-            if first.type != aiohttp.WSMsgType.TEXT:
-                code = ws.close_code if first.type != aiohttp.WSMsgType.CLOSE else first.data
-                if code == CLOSE_TRY_AGAIN:
-                    raise ServerBusy(self.display_url)
-                raise ServerUnreachable(f"the Chroma server at {self.display_url} closed the connection before "
-                                        f"the session started (code {code}{_extra(first)})")
-            event = parse_server_event(first.data)
-            if isinstance(event, ErrorEvent):
-                if event.error.code == ErrorCode.SERVER_BUSY:
-                    raise ServerBusy(self.display_url, event.error.message)
-                raise RequestRefused(f"the session at {self.display_url}", event.error.to_protocol_error())
-            if not isinstance(event, SessionEvent) or event.type != _S.SESSION_CREATED:
-                raise RealtimeClientError(f"expected session.created from {self.display_url}, got {event.type!r}")
-        except aiohttp.WSServerHandshakeError as exc:
-            await http.close()
-            raise ServerRefused(self.display_url, exc.status) from None
-        except asyncio.TimeoutError:
-            await _close_quietly(ws, http)
-            raise ServerTimeout(f"the Chroma server at {self.display_url} did not start a session within "
-                                f"{self.connect_timeout:g} s") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            await _close_quietly(ws, http)
-            raise ServerUnreachable(f"cannot connect to the Chroma server at {self.display_url}: "
-                                    f"{type(exc).__name__}: {exc}") from None
-        except ProtocolError as exc:
-            await _close_quietly(ws, http)
-            raise RealtimeClientError(f"the Chroma server at {self.display_url} started with a message that is "
-                                      f"not a server event: {exc.message}") from None
-        except BaseException:
-            await _close_quietly(ws, http)
-            raise
-        return ClientConnection(http, ws, event, reply_timeout=self.reply_timeout)
-
-    async def _handshake(self, http: aiohttp.ClientSession):
-        ws = await http.ws_connect(self.url, headers=self._headers(), autoping=True, heartbeat=None,
-                                   max_msg_size=MAX_MESSAGE_BYTES, timeout=aiohttp.ClientWSTimeout(
-                                       ws_receive=None, ws_close=CLOSE_TIMEOUT_S))
-        try:
-            return ws, await ws.receive()
-        except BaseException:
-            await ws.close()
-            raise
-
-
-def _connector() -> aiohttp.TCPConnector:
-    try:
-        return aiohttp.TCPConnector(socket_factory=_bounded_socket)
-    except TypeError:  # aiohttp < 3.12: the kernel's default receive buffer
-        return aiohttp.TCPConnector()
-
-
-def _bounded_socket(addr_info) -> socket.socket:
-    family, kind, proto, _, _ = addr_info
-    sock = socket.socket(family=family, type=kind, proto=proto)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-    return sock
-
-
-async def _close_quietly(ws: aiohttp.ClientWebSocketResponse | None, http: aiohttp.ClientSession) -> None:
+async def close_quietly(ws: aiohttp.ClientWebSocketResponse | None, http: aiohttp.ClientSession) -> None:
     if ws is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(ws.close(), CLOSE_TIMEOUT_S)
