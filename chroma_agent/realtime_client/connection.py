@@ -27,6 +27,7 @@ from chroma_agent.engine.events import (
     Usage,
 )
 from chroma_agent.frames import frames_ms
+from chroma_agent.playout import Playout
 from chroma_agent.realtime_client.errors import ConnectionLost, RequestRefused, ServerTimeout
 from chroma_agent.realtime_client.reply import ClientReply, nothing_said
 from chroma_agent.realtime_protocol import (
@@ -166,7 +167,7 @@ class ClientConnection:
             reply.conn, reply.event_id, self.reply = self, event["event_id"], reply
             self.send(event)
             reply.sent = True
-            reply.created = time.perf_counter()
+            reply.playout = Playout()
             while True:
                 try:
                     item = await reply.inbox.get(self.reply_timeout)
@@ -311,11 +312,8 @@ class ClientConnection:
         kind = event.type
         if isinstance(event, DeltaEvent) and kind == _S.RESPONSE_OUTPUT_AUDIO_DELTA:
             pcm = pcm16_to_float(b64_to_pcm(event.delta, param="delta"))
-            if reply.first_audio is None:
-                reply.first_audio = time.perf_counter()
-            chunk = AudioChunk(pcm=pcm, frame_index=reply.frames, timestamp_ms=frames_ms(reply.frames))
-            reply.frames += 1
-            await reply.inbox.put(chunk)
+            index = reply.playout.frame_out()
+            await reply.inbox.put(AudioChunk(pcm=pcm, frame_index=index, timestamp_ms=frames_ms(index)))
             return True
         if isinstance(event, DeltaEvent) and kind in (_S.RESPONSE_OUTPUT_AUDIO_TRANSCRIPT_DELTA,
                                                       _S.RESPONSE_OUTPUT_TEXT_DELTA):
@@ -336,11 +334,10 @@ class ClientConnection:
         if failure is not None:
             final = ResponseError(failure.message, kind=failure.code or ErrorCode.SERVER_ERROR)
         else:
-            now = time.perf_counter()
-            ttfa = None if reply.first_audio is None else (reply.first_audio - reply.created) * 1000
+            playout = reply.playout
             # the server reports no prefill time; the rest is measured here
-            timings = Timings(time_to_first_audio_ms=ttfa, prefill_ms=math.nan,
-                              total_ms=(now - reply.created) * 1000, audio_ms=frames_ms(reply.frames))
+            timings = Timings(time_to_first_audio_ms=playout.time_to_first_ms, prefill_ms=math.nan,
+                              total_ms=(time.monotonic() - playout.started) * 1000, audio_ms=playout.sent_ms)
             usage = Usage(**response.usage.counts()) if response.usage is not None else Usage(0, 0, 0, 0)
             final = ResponseDone(reason=response.engine_reason(), text=response.transcript(), usage=usage,
                                  timings=timings)

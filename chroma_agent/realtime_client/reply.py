@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from chroma_agent.engine.events import ResponseDone, ResponseEvent, Timings, Usage
-from chroma_agent.frames import frames_ms
+from chroma_agent.playout import Playout
 from chroma_agent.realtime_client.errors import ConnectionLost
 from chroma_agent.realtime_protocol import ClientEvents
 
@@ -85,9 +84,12 @@ class ClientReply:
     finished: bool = False  # its final event is in the inbox
     cancel_requested: bool = False
     truncate_ms: float | None = None  # a truncation waiting for the item's id
-    frames: int = 0  # audio frames received
-    created: float = field(default_factory=time.perf_counter)
-    first_audio: float | None = None
+    playout: Playout = field(default_factory=Playout)  # its audio as received (restarted when it is sent)
+
+    @property
+    def frames(self) -> int:
+        """Audio frames received."""
+        return self.playout.frames
 
     def cancel(self) -> None:
         """Stop the reply (at once if it was not sent yet; else the server ends it within a step)."""
@@ -106,14 +108,14 @@ class ClientReply:
     def truncate(self, heard_ms: float) -> None:
         """Keep of the reply in the server's context only what the listener heard (``heard_ms``)."""
         heard = max(0.0, float(heard_ms)) if math.isfinite(heard_ms) else 0.0
+        if self.finished:  # nothing more will come: no more than what was received can be kept
+            heard = self.playout.clamp(heard)
         if self.item_id is None:  # not sent or not started yet: truncated as soon as its item exists
             self.truncate_ms = heard
             return
         conn = self.conn
         if conn is None or not conn.alive:
             return  # that server conversation is gone
-        if self.finished:
-            heard = min(heard, frames_ms(self.frames))
         try:
             conn.send(ClientEvents.conversation_item_truncate(self.item_id, int(heard)), quiet=True)
             if self.finished:  # learn the kept words

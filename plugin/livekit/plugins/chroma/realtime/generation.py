@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar
 
 from livekit import rtc
 from livekit.agents import llm, utils
+
+from chroma_agent.playout import Playout
 
 __all__ = ["MODALITIES", "ConsumerStream", "Generation", "Item"]
 
@@ -52,8 +53,7 @@ class Generation:
     text_ch: utils.aio.Chan[str] = field(default_factory=utils.aio.Chan)
     audio_ch: utils.aio.Chan[rtc.AudioFrame] = field(default_factory=utils.aio.Chan)
     modalities: asyncio.Future[list[Literal["text", "audio"]]] = field(default_factory=asyncio.Future)
-    created_perf: float = field(default_factory=time.perf_counter)
-    first_audio_perf: float | None = None
+    playout: Playout = field(default_factory=Playout)  # the reply's audio as it is queued for the listener
     cancelled: bool = False
     submitted: bool = False
     finished: bool = False

@@ -306,8 +306,7 @@ class RealtimeSession(llm.RealtimeSession):
         try:
             async for event in stream:
                 if isinstance(event, AudioChunk):
-                    if gen.first_audio_perf is None:
-                        gen.first_audio_perf = time.perf_counter()
+                    gen.playout.frame_out()
                     await self._wait_for_room(gen)
                     if not gen.cancelled:
                         frame = rtc.AudioFrame(event.pcm16(), OUTPUT_RATE, 1, int(event.pcm.shape[-1]))
@@ -553,10 +552,11 @@ class RealtimeSession(llm.RealtimeSession):
                                                   recoverable=recoverable))
 
     def _emit_metrics(self, gen: Generation, done: ResponseDone) -> None:
-        now = time.perf_counter()
-        duration = now - gen.created_perf
+        now = time.monotonic()
+        duration = now - gen.playout.started
         usage = done.usage
-        ttft = gen.first_audio_perf - gen.created_perf if gen.first_audio_perf is not None else -1.0
+        first = gen.playout.time_to_first_ms
+        ttft = first / 1000 if first is not None else -1.0
         input_tokens = usage.prompt_tokens + usage.cached_tokens
         output_tokens = usage.text_tokens + usage.audio_frames
         metrics = RealtimeModelMetrics(
