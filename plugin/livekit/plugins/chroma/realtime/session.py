@@ -557,8 +557,7 @@ class RealtimeSession(llm.RealtimeSession):
         usage = done.usage
         first = gen.playout.time_to_first_ms
         ttft = first / 1000 if first is not None else -1.0
-        input_tokens = usage.prompt_tokens + usage.cached_tokens
-        output_tokens = usage.text_tokens + usage.audio_frames
+        input_tokens, output_tokens = usage.input_tokens, usage.output_tokens
         metrics = RealtimeModelMetrics(
             label=self._model.label,
             request_id=gen.response_id,
@@ -568,7 +567,7 @@ class RealtimeSession(llm.RealtimeSession):
             cancelled=done.reason == "cancelled",
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            total_tokens=input_tokens + output_tokens,
+            total_tokens=usage.total_tokens,
             tokens_per_second=output_tokens / duration if duration > 0 else 0.0,
             input_token_details=RealtimeModelMetrics.InputTokenDetails(
                 cached_tokens=usage.cached_tokens,
