@@ -93,3 +93,39 @@ def test_the_protocol_temperature_is_the_engines_rule(temperature):
         parse_client_event(event)
     assert caught.value.code == ErrorCode.INVALID_VALUE and caught.value.param == "session.temperature"
     assert "[0, 2]" in caught.value.message
+
+
+def test_session_rules():
+    from chroma_agent.realtime_protocol import (
+        DEFAULT_TURN_DETECTION,
+        AudioFormat,
+        TurnDetection,
+        dialect_of,
+        max_frames,
+        output_modality,
+        peek_event_id,
+        turn_detection_config,
+    )
+
+    assert dialect_of("realtime=v1", []) == "beta" and dialect_of(None, ["openai-beta.realtime-v1"]) == "beta"
+    assert dialect_of("other=1", ["realtime"]) == "ga"
+    assert output_modality(["audio", "text"], "m", None) == "audio" and output_modality(["text"], "m", None) == "text"
+    assert output_modality(None, "m", None) is None
+    with pytest.raises(ProtocolError) as caught:
+        output_modality(["video"], "session.output_modalities", "e1")
+    assert caught.value.param == "session.output_modalities" and caught.value.event_id == "e1"
+    assert max_frames(None, 375) == 375 and max_frames("inf", 375) is None and max_frames(12, 375) == 12
+    assert turn_detection_config(TurnDetection(type="none"), "td", None) is None
+    completed = turn_detection_config(TurnDetection(type="server_vad", silence_duration_ms=400), "td", None)
+    assert completed == {**DEFAULT_TURN_DETECTION, "silence_duration_ms": 400}
+    with pytest.raises(ProtocolError):
+        turn_detection_config(TurnDetection(type="magic_vad"), "td", None)
+    from chroma_agent.realtime_protocol import check_format
+
+    check_format(AudioFormat(type="audio/pcm", rate=24000), "f", None)
+    with pytest.raises(ProtocolError) as caught:
+        check_format(AudioFormat(type="audio/pcm", rate=16000), "session.audio.input.format", None)
+    assert caught.value.code == ErrorCode.UNSUPPORTED_AUDIO_FORMAT
+    assert peek_event_id('{"event_id": "abc", "type": "x"}') == "abc"
+    assert peek_event_id('{"type": "x", "event_id": "abc", "audio": "') == "abc"  # cut off: found by scanning
+    assert peek_event_id("[]") is None

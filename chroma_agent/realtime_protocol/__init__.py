@@ -10,7 +10,9 @@ What lives here (and nowhere else):
   and builders for the client events a remote client sends (:class:`ClientEvents`) (:mod:`.client_events`);
 * builders for the server events we send (:class:`ServerEvents`, one instance per dialect), for the items and
   responses inside them, the typed models a client parses them into (:func:`parse_server_event`), and the one
-  mapping between an engine reply's end and usage and a response's status and usage (:mod:`.server_events`).
+  mapping between an engine reply's end and usage and a response's status and usage (:mod:`.server_events`);
+* the rules a server applies to a session: dialect, formats, modalities, output tokens, turn detection, the
+  shortest commit (:mod:`.rules`).
 
 Everything here is pure data: no engine, no sockets, no torch. Events are plain JSON-ready dicts.
 """
@@ -38,6 +40,17 @@ from chroma_agent.realtime_protocol.client_events import (
     TurnDetection,
     VoiceRef,
     parse_client_event,
+)
+from chroma_agent.realtime_protocol.rules import (
+    MIN_COMMIT_MS,
+    check_beta_format,
+    check_format,
+    dialect_of,
+    max_frames,
+    output_modality,
+    peek_event_id,
+    turn_detection_config,
+    voice_name,
 )
 from chroma_agent.realtime_protocol.server_events import (
     SERVER_EVENT_MODELS,
@@ -115,6 +128,7 @@ __all__ = [
     "GA_NAMES",
     "GA_ONLY",
     "INSECURE_API_KEY_SUBPROTOCOL",
+    "MIN_COMMIT_MS",
     "OPENAI_VOICES",
     "SAMPLE_RATE",
     "SAMPLE_WIDTH",
@@ -125,6 +139,8 @@ __all__ = [
     "AudioFormat",
     "b64_to_pcm",
     "beta_name",
+    "check_beta_format",
+    "check_format",
     "ClientEvent",
     "ClientEvents",
     "ClientEventType",
@@ -136,6 +152,7 @@ __all__ = [
     "ConversationItemTruncate",
     "DeltaEvent",
     "Dialect",
+    "dialect_of",
     "ErrorCode",
     "ErrorDetail",
     "ErrorEvent",
@@ -149,20 +166,23 @@ __all__ = [
     "ItemDeletedEvent",
     "ItemEvent",
     "ItemTruncatedEvent",
+    "max_frames",
     "Modality",
     "new_id",
+    "output_modality",
     "OutputItemEvent",
     "parse_client_event",
     "parse_server_event",
     "PartDoneEvent",
     "pcm_to_b64",
+    "peek_event_id",
     "ProtocolError",
     "response_status",
     "ResponseBody",
     "ResponseCancel",
     "ResponseCreate",
-    "ResponseStatusEvent",
     "ResponseParams",
+    "ResponseStatusEvent",
     "ServerEvent",
     "ServerEvents",
     "ServerEventType",
@@ -174,7 +194,9 @@ __all__ = [
     "SpeechStoppedEvent",
     "StatusDetails",
     "Temperature",
+    "turn_detection_config",
     "TurnDetection",
     "UsageBody",
+    "voice_name",
     "VoiceRef",
 ]
