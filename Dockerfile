@@ -1,5 +1,7 @@
 # chroma-agent on a CUDA GPU: the engine server (`serve`, default), the LiveKit worker (`start`) or the
 # WebRTC playground (`playground`). Model weights and voice profiles live in volumes, not in the image.
+# Every setting is a CHROMA_* variable (README: Configuration), so `docker run -e CHROMA_MODEL=... IMAGE`
+# configures the default command without repeating it.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -12,7 +14,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     CHROMA_VOICES_DIR=/voices \
     CHROMA_MODEL=FlashLabs/Chroma-4B \
     CHROMA_DEVICE=cuda \
-    CHROMA_DTYPE=bfloat16
+    CHROMA_DTYPE=bfloat16 \
+    CHROMA_HOST=0.0.0.0
 
 # libsndfile: audio decoding; curl: the healthcheck.
 RUN apt-get update \
@@ -36,6 +39,7 @@ VOLUME ["/models", "/voices"]
 EXPOSE 8000 8080 8081
 # The server answers /health; the worker (start) sets CHROMA_HEALTH_URL to livekit-agents' own endpoint.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["sh", "-c", "curl -fsS \"${CHROMA_HEALTH_URL:-http://127.0.0.1:8000/health}\" || exit 1"]
+    CMD ["sh", "-c", "curl -fsS \"${CHROMA_HEALTH_URL:-http://127.0.0.1:${CHROMA_PORT:-8000}/health}\" || exit 1"]
 ENTRYPOINT ["chroma-agent"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+# serve on CHROMA_HOST:8000 (CHROMA_PORT moves it) with the model, device and voice of the environment.
+CMD ["serve"]

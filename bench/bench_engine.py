@@ -104,7 +104,7 @@ def bench_sessions(engine, voice, n: int, frames: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_fixture = os.environ.get("CHROMA_TINY_FIXTURE", str(REPO.parent / "shared/fixtures/chroma-tiny"))
+    default_fixture = os.environ.get("CHROMA_TINY_FIXTURE", str(REPO / "tests" / "fixtures" / "chroma-tiny"))
     parser.add_argument("--fixture", default=default_fixture)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--frames", type=int, default=40)

@@ -53,8 +53,9 @@ from chroma_agent.model.config import ChromaConfig
 REPO = Path(__file__).resolve().parents[1]
 
 
-DEFAULT_TINY = REPO.parent / "shared" / "fixtures" / "chroma-tiny"
-DEFAULT_FULL_CONFIG = REPO.parent / "shared" / "fixtures" / "chroma-4b-config.json"
+FIXTURES = REPO / "tests" / "fixtures"
+DEFAULT_TINY = FIXTURES / "chroma-tiny"
+DEFAULT_FULL_CONFIG = FIXTURES / "chroma-4b-config.json"
 GOLDEN_CASE = Path("golden") / "public_single_turn"
 
 
@@ -630,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fixture",
         type=Path,
         default=Path(os.environ.get("CHROMA_TINY_FIXTURE") or DEFAULT_TINY),
-        help="chroma-tiny folder (default: $CHROMA_TINY_FIXTURE or ../shared/fixtures/chroma-tiny)",
+        help="chroma-tiny folder (default: $CHROMA_TINY_FIXTURE or tests/fixtures/chroma-tiny)",
     )
     parser.add_argument(
         "--frames", type=int, default=32, help="frames per reply on the tiny fixture (default 32)"

@@ -239,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--stall-seconds", type=float, default=60.0)
+    ap.add_argument("--parts", default="ops,baseline,stall", help="which parts to run (comma-separated)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
     torch.set_num_threads(args.threads)
     modes = args.modes.split(",")
     model = ChromaModel.from_pretrained(args.fixture, progress=False)
@@ -249,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(), "python": platform.python_version(), "torch": torch.__version__,
         "threads": args.threads,
         "ops": bench_ops(model, modes, [int(s) for s in args.sessions.split(",")], args.repeats,
-                         [int(s) for s in args.compiled_sessions.split(",")]),
-        "vs_baseline": bench_vs_baseline(model, args.fixture, modes, args.frames, args.repeats),
-        "prefill_stall": bench_prefill_stall(args.fixture, args.stall_seconds, "eager") if args.stall_seconds else None,
+                         [int(s) for s in args.compiled_sessions.split(",")]) if "ops" in parts else [],
+        "vs_baseline": bench_vs_baseline(model, args.fixture, modes, args.frames, args.repeats)
+        if "baseline" in parts else {},
+        "prefill_stall": bench_prefill_stall(args.fixture, args.stall_seconds, "eager") if "stall" in parts else None,
     }
     print(table(result))
     if args.json:

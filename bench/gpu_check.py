@@ -62,10 +62,10 @@ def check_dependencies() -> list[str]:
 
 
 def fixture_dir() -> Path:
-    for candidate in (REPO / "tests" / "fixtures", REPO.parent / "shared" / "fixtures"):
-        if (candidate / "chroma-tiny" / "config.json").is_file():
-            return candidate
-    raise SystemExit("the test fixtures are missing (tests/fixtures/chroma-tiny)")
+    folder = REPO / "tests" / "fixtures"
+    if not (folder / "chroma-tiny" / "config.json").is_file():
+        raise SystemExit(f"the test fixtures are missing ({folder}/chroma-tiny)")
+    return folder
 
 
 def build_model(config_path: Path, device: str, dtype_name: str = "bfloat16"):

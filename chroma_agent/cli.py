@@ -1,10 +1,11 @@
-"""`chroma-agent` command line."""
+"""`chroma-agent` command line: every command reads its settings from `chroma_agent.config`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -12,23 +13,34 @@ from pathlib import Path
 
 import numpy as np
 
+from chroma_agent.config import (
+    TINY_MAX_REPLY_S,
+    DemoSettings,
+    GenerateSettings,
+    PlaygroundSettings,
+    ServeSettings,
+    SettingsError,
+    add_flags,
+)
+
 log = logging.getLogger("chroma_agent")
+
+MAX_FRAMES = 750  # 60 s
+TINY_MAX_FRAMES = round(TINY_MAX_REPLY_S / 0.08)  # random weights almost never stop by themselves
 
 
 class UsageError(ValueError):
     """Bad command-line input: reported on stderr with exit code 2."""
 
 
-def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint folder or Hugging Face repo id (FlashLabs/Chroma-4B)")
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--greedy", action="store_true", help="argmax decoding (reproduces the reference exactly)")
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-frames", type=int, default=750, help="reply length limit in 80 ms frames")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--max-frames", type=int, default=None,
+                   help=f"reply length limit in 80 ms frames (default {MAX_FRAMES}; {TINY_MAX_FRAMES} for tiny)")
 
 
 # LiveKit Agents worker commands: livekit-agents' own CLI parses their options (see chroma_agent.worker).
@@ -38,18 +50,26 @@ WORKER_COMMANDS = {
     "console": "talk to the agent in this terminal (no LiveKit server)",
     "connect": "join one LiveKit room (--room NAME)",
 }
+SETTINGS_NOTE = ("Each setting is a flag, else its environment variable, else the default (both in brackets); "
+                 "a flag means the same in every chroma-agent command (README.md, Configuration).")
+
+
+def _sub(sub: argparse._SubParsersAction, name: str, text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}. {SETTINGS_NOTE}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chroma-agent", description="Voice agents driven by FlashLabs Chroma 1.0")
+    parser = argparse.ArgumentParser(
+        prog="chroma-agent", description="Voice agents driven by FlashLabs Chroma 1.0. " + SETTINGS_NOTE,
+        epilog="The worker commands (start, dev, console, connect) are parsed by livekit-agents' own CLI: "
+               "see `chroma-agent start --help`.")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="answer one conversation in a cloned voice, streaming frame by frame")
-    _add_generation_args(gen)
+    gen = _sub(sub, "generate", "answer one conversation in a cloned voice, streaming frame by frame")
+    add_flags(gen, GenerateSettings)
+    _add_sampling_args(gen)
     gen.add_argument("--messages", required=True, type=Path, help="conversation JSON (the API's messages list)")
-    gen.add_argument("--voice-audio", required=True, type=Path, help="clip of the voice to clone")
-    gen.add_argument("--voice-text", required=True, help="transcript of the voice clip")
     gen.add_argument("--out", required=True, type=Path, help="reply WAV (24 kHz)")
     gen.add_argument("--codes-out", type=Path, help="write the decoded frames as int64 .npy [frames, 8]")
     gen.add_argument("--text-out", type=Path, help="write the reply transcript")
@@ -58,45 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("folder", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on a tiny model with synthetic audio")
-    demo.add_argument("--model", type=Path, default=Path("build/tiny"))
-    demo.add_argument("--out", type=Path, default=Path("build/demo"))
+    demo = _sub(sub, "demo", "run the whole pipeline once on a tiny model with synthetic audio")
+    add_flags(demo, DemoSettings)
+    demo.add_argument("--out-dir", type=Path, default=Path("build/demo"),
+                      help="folder for the clips and the reply (default build/demo)")
+    demo.add_argument("--out", dest="out_dir", type=Path, help=argparse.SUPPRESS)  # its old name
 
-    play = sub.add_parser("playground", help="talk to the agent from a browser (WebRTC, no LiveKit server)")
-    play.add_argument("--model", default="tiny",
-                      help="'tiny' (random weights, built into build/tiny: speaks noise), a checkpoint folder "
-                           "or a Hugging Face repo id")
-    play.add_argument("--voice", help="a saved voice's name")
-    play.add_argument("--voice-audio", type=Path, help="clip of the voice to clone (with --voice-text)")
-    play.add_argument("--voice-text", help="transcript of --voice-audio")
-    play.add_argument("--host", default="127.0.0.1")
-    play.add_argument("--port", type=int, default=8080)
-    play.add_argument("--device", default="cpu")
-    play.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    play = _sub(sub, "playground", "talk to the agent from a browser (WebRTC, no LiveKit server)")
+    add_flags(play, PlaygroundSettings)
 
-    srv = sub.add_parser("serve", help="serve the HTTP API (chat completions, realtime, voices) with uvicorn")
-    srv.add_argument("--model", required=True, help="checkpoint folder or Hugging Face repo id (FlashLabs/Chroma-4B)")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--api-key", help="require this key (Bearer) on every request but /health and /metrics; "
-                     "default: $CHROMA_API_KEY")
-    srv.add_argument("--voices-dir", type=Path, help="stored voices (default: $CHROMA_VOICES_DIR or "
-                     "~/.cache/chroma-agent/voices)")
-    srv.add_argument("--default-voice", help="stored voice for requests that name none and clone none")
-    srv.add_argument("--assets-dir", type=Path, help="folder requests may name audio files in (off by default)")
-    srv.add_argument("--max-sessions", type=int, default=4, help="conversations served at once (engine slots)")
-    srv.add_argument("--device", default="cpu")
-    srv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    srv.add_argument("--max-request-mb", type=float, default=50.0, help="largest accepted request body")
-    # Hardening limits (docs/api.md, "Limits"); defaults are ServerSettings' own.
-    srv.add_argument("--max-audio-samples", type=int, default=None,
-                     help="most samples (frames x channels) one audio file may decode to (default 28800000)")
-    srv.add_argument("--header-timeout-s", type=float, default=None,
-                     help="a request's headers must arrive within this many seconds, else 408 (default 10)")
-    srv.add_argument("--max-header-kb", type=int, default=None, help="largest request headers, else 431 (default 64)")
-    srv.add_argument("--max-connections", type=int, default=None,
-                     help="open connections beyond this get 503 at once; 0 = no cap (default 1000)")
-    srv.add_argument("--no-docs", action="store_true", help="do not serve /docs, /redoc and /openapi.json")
+    srv = _sub(sub, "serve", "serve the HTTP API (chat completions, realtime, voices) with uvicorn")
+    add_flags(srv, ServeSettings)
+    srv.add_argument("--default-voice", dest="voice", default=None, help=argparse.SUPPRESS)  # the old --voice
     for name, text in WORKER_COMMANDS.items():
         sub.add_parser(name, help=f"{text}; see `chroma-agent {name} --help`", add_help=False)
     return parser
@@ -125,23 +118,40 @@ def run_generate(args: argparse.Namespace) -> int:
     from chroma_agent.model.chroma import ChromaModel
     from chroma_agent.model.loading import resolve_checkpoint
     from chroma_agent.model.processor import ChromaProcessor
+    from chroma_agent.voices import VoiceStore, create_voice_profile
 
-    if args.max_frames < 1:
+    settings = GenerateSettings.from_args(args)
+    max_frames = args.max_frames if args.max_frames is not None else (
+        TINY_MAX_FRAMES if settings.is_tiny else MAX_FRAMES)
+    if max_frames < 1:
         raise UsageError("--max-frames must be >= 1")
+    if settings.voice is None and settings.voice_audio is None:
+        raise UsageError("generate needs a voice: --voice NAME (a stored voice) or --voice-audio CLIP "
+                         "--voice-text 'what the clip says'")
+    stored = settings.stored_voice()  # an unknown name fails before the model loads
     sampling = SamplingParams(
         temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
     )
     messages = _load_messages(args.messages)
-    folder = resolve_checkpoint(args.model)
+    device, dtype = settings.torch_device()
+    folder = resolve_checkpoint(settings.checkpoint())
     processor = ChromaProcessor.from_pretrained(folder)
     prompt = processor.encode_messages(messages, base_dir=args.messages.resolve().parent)
-    voice = processor.encode_voice_prompt(args.voice_text, args.voice_audio)
+    if stored is None:  # a bad clip fails before the model loads too
+        processor.encode_voice_prompt(settings.voice_text or "", settings.voice_audio)
 
     t_load = time.perf_counter()
-    model = ChromaModel.from_pretrained(folder, device=args.device, dtype=args.dtype)
+    model = ChromaModel.from_pretrained(folder, device=device, dtype=dtype)
     log.info("model loaded in %.2f s", time.perf_counter() - t_load)
-    codes = model.encode_voice_codes(voice.waveform)
-    prefix = model.voice_prefix(voice.text_ids, codes)
+    if stored is not None:
+        stored.require_compatible(model.config)
+        voice = stored
+    else:
+        voice = create_voice_profile(model, processor, settings.voice_audio, settings.voice_text or "",
+                                     name=settings.voice)
+        if settings.voice is not None:
+            log.info("stored the voice as %s", VoiceStore(settings.voices_dir).save(voice, overwrite=True))
+    prefix = model.voice_prefix(voice.text_ids, voice.codes)
     mimi = StreamingMimiDecoder(model.codec_model)
     top = model.config.codebook_size - 1
 
@@ -149,7 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first_frame_s: float | None = None
     done: ReplyDone | None = None
-    for event in generate_reply(model, prompt, prefix, max_frames=args.max_frames, sampling=sampling):
+    for event in generate_reply(model, prompt, prefix, max_frames=max_frames, sampling=sampling):
         if isinstance(event, AudioFrame):
             frame = event.codes.clamp(0, top).to(model.device).reshape(1, -1, 1)
             chunks.append(mimi.decode(frame)[0].float().cpu().numpy())
@@ -182,6 +192,8 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
 def _synthetic_clip(seconds: float, rate: int, pitch: float, seed: int) -> np.ndarray:
     """A voiced-sounding test signal: harmonics with vibrato and syllable-like bursts."""
     rng = np.random.default_rng(seed)
@@ -197,54 +209,57 @@ def _synthetic_clip(seconds: float, rate: int, pitch: float, seed: int) -> np.nd
 def run_demo(args: argparse.Namespace) -> int:
     import soundfile as sf
 
-    from chroma_agent.model.tiny import build_tiny_checkpoint
-
-    if not (args.model / "config.json").is_file():
-        build_tiny_checkpoint(args.model)
-    args.out.mkdir(parents=True, exist_ok=True)
-    sf.write(str(args.out / "voice.wav"), _synthetic_clip(3.0, 24000, 180.0, 1), 24000, subtype="PCM_16")
-    sf.write(str(args.out / "question.wav"), _synthetic_clip(2.0, 16000, 120.0, 2), 16000, subtype="PCM_16")
+    settings = DemoSettings.from_args(args)
+    model = settings.checkpoint()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    sf.write(str(args.out_dir / "voice.wav"), _synthetic_clip(3.0, 24000, 180.0, 1), 24000, subtype="PCM_16")
+    sf.write(str(args.out_dir / "question.wav"), _synthetic_clip(2.0, 16000, 120.0, 2), 16000, subtype="PCM_16")
     conversation = [
         {"role": "system", "content": "You are Chroma, a helpful voice assistant."},
         {"role": "user", "content": [{"type": "audio", "audio": "question.wav"}]},
     ]
-    (args.out / "conversation.json").write_text(json.dumps(conversation, indent=2) + "\n")
+    (args.out_dir / "conversation.json").write_text(json.dumps(conversation, indent=2) + "\n")
     print("Chroma demo: tiny random model, synthetic audio. The tiny model speaks noise; use real weights")
     print("(--model FlashLabs/Chroma-4B on a GPU) for speech. See README.md.\n")
     gen_args = build_parser().parse_args(
         [
-            "generate", "--model", str(args.model), "--messages", str(args.out / "conversation.json"),
-            "--voice-audio", str(args.out / "voice.wav"), "--voice-text", "Hello, this is the voice to clone.",
-            "--out", str(args.out / "reply.wav"), "--max-frames", "50", "--seed", "0",
-            "--codes-out", str(args.out / "reply_codes.npy"), "--text-out", str(args.out / "reply.txt"),
+            "generate", "--model", model, "--device", settings.device, "--dtype", settings.dtype,
+            "--messages", str(args.out_dir / "conversation.json"),
+            "--voice-audio", str(args.out_dir / "voice.wav"), "--voice-text", "Hello, this is the voice to clone.",
+            "--out", str(args.out_dir / "reply.wav"), "--max-frames", "50", "--seed", "0",
+            "--codes-out", str(args.out_dir / "reply_codes.npy"), "--text-out", str(args.out_dir / "reply.txt"),
         ]
     )
     return run_generate(gen_args)
 
 
-def run_playground(args: argparse.Namespace) -> int:
-    import socket
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, taken before the model loads so that a busy port fails in a second."""
+    from chroma_agent.server.runner import bind
 
+    try:
+        return bind(host, port)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (try --port)") from None
+
+
+def run_playground(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from chroma_agent.webrtc.playground import TINY, TINY_NOTICE, create_app, open_engine
+    from chroma_agent.webrtc.playground import TINY_NOTICE, create_app, open_engine, reach_hint
 
-    # Take the port before loading the model, so a busy port fails in a second, not after the load.
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    try:
-        sock = socket.create_server((args.host, args.port), family=family)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc} (try --port)") from None
-    with sock:
-        engine, voice = open_engine(args.model, device=args.device, dtype=args.dtype, voice=args.voice,
-                                    voice_audio=args.voice_audio, voice_text=args.voice_text)
-        tiny = args.model == TINY
-        app = create_app(engine, voice=voice, notice=TINY_NOTICE if tiny else None)
-        print(f"\nChroma playground: open http://{args.host}:{args.port}/ in a browser on this machine, "
-              "press Start talking and allow the microphone. Ctrl-C stops it.")
-        if tiny:
+    settings = PlaygroundSettings.from_args(args)
+    settings.torch_device()  # a missing GPU fails now, not after the port is taken
+    with _listen(settings.host, settings.port) as sock:
+        port = sock.getsockname()[1]
+        engine, voice = open_engine(settings)
+        app = create_app(engine, voice=voice, notice=TINY_NOTICE if settings.is_tiny else None)
+        print(f"\nChroma playground: open http://{_url_host(settings.host)}:{port}/ in a browser, press Start "
+              "talking and allow the microphone. Ctrl-C stops it.")
+        print(reach_hint(settings.host, port))
+        if settings.is_tiny:
             print("The tiny model has random weights: it answers with noise. For speech, use real weights:\n"
-                  "  chroma-agent playground --model FlashLabs/Chroma-4B --device cuda --dtype bfloat16 \\\n"
+                  "  chroma-agent playground --model FlashLabs/Chroma-4B \\\n"
                   "      --voice-audio ref.wav --voice-text \"what ref.wav says\"")
         print(flush=True)
         try:
@@ -256,77 +271,39 @@ def run_playground(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UsageError(f"--device: {device!r} is not a device (cpu, cuda, cuda:1, mps)") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available in this torch build or on this machine")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {device}: MPS is not available on this machine")
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import os
-
-    from chroma_agent.engine.engine import Engine, EngineConfig
-    from chroma_agent.server.runner import bind, serve
+    from chroma_agent.server.runner import serve
     from chroma_agent.server.settings import ServerSettings
-    from chroma_agent.voices import VoiceError, VoiceStore
 
-    if not 1 <= args.port <= 65535:
-        raise UsageError(f"--port must be in 1..65535, got {args.port}")
-    if args.max_sessions < 1:
-        raise UsageError(f"--max-sessions must be >= 1, got {args.max_sessions}")
-    if not args.max_request_mb > 0:
-        raise UsageError(f"--max-request-mb must be > 0, got {args.max_request_mb}")
-    if args.assets_dir is not None and not args.assets_dir.is_dir():
-        raise UsageError(f"--assets-dir: {args.assets_dir} is not a folder")
-    api_key = args.api_key or os.environ.get("CHROMA_API_KEY") or None
-    if api_key is not None and len(api_key) < 8:
-        raise UsageError("--api-key (or CHROMA_API_KEY) must be at least 8 characters")
-    _check_device(args.device)
-    hardening: dict[str, int | float | None] = {}  # flags given; the rest keep ServerSettings' defaults
-    if args.max_audio_samples is not None:
-        hardening["max_audio_samples"] = args.max_audio_samples
-    if args.header_timeout_s is not None:
-        hardening["header_timeout_s"] = args.header_timeout_s
-    if args.max_header_kb is not None:
-        hardening["max_header_bytes"] = args.max_header_kb * 1024
-    if args.max_connections is not None:
-        hardening["max_connections"] = args.max_connections or None  # 0: no cap
+    settings = ServeSettings.from_args(args)
     try:
-        settings = ServerSettings(api_key=api_key, assets_dir=args.assets_dir,
-                                  max_request_bytes=max(1024, int(args.max_request_mb * 1024 * 1024)),
-                                  docs=not args.no_docs, **hardening)
+        server = ServerSettings(api_key=settings.api_key, assets_dir=settings.assets_dir,
+                                max_request_bytes=max(1024, int(settings.max_request_mb * 1024 * 1024)),
+                                max_audio_samples=settings.max_audio_samples,
+                                header_timeout_s=settings.header_timeout_s,
+                                max_header_bytes=settings.max_header_kb * 1024,
+                                max_connections=settings.max_connections or None,  # 0: no cap
+                                docs=not settings.no_docs)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    store = VoiceStore(args.voices_dir)
-    default_voice = None
-    if args.default_voice is not None:
+    settings.torch_device()  # a missing GPU fails now, not after the port is taken
+    settings.stored_voice()  # so does an unknown --voice
+    with _listen(settings.host, settings.port) as sock:
+        engine = settings.load_engine()
         try:
-            default_voice = store.get(args.default_voice)
-        except VoiceError as exc:
-            known = ", ".join(store.names()) or "none"
-            raise UsageError(f"--default-voice: {exc} in {store.folder} (stored voices: {known})") from None
-    try:
-        sock = bind(args.host, args.port)
-    except OSError as exc:
-        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc} (try --port)") from None
-    with sock:
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                        config=EngineConfig(max_sessions=args.max_sessions),
-                                        voices_dir=store.folder, default_voice=default_voice)
-        try:
-            if default_voice is not None:
-                try:
-                    default_voice.require_compatible(engine.model.config)
-                except VoiceError as exc:
-                    raise UsageError(f"--default-voice: {exc}") from None
-            serve(engine, settings, sock)
+            if engine.default_voice is None:
+                log.warning("no default voice: requests must name a stored voice (`voice`) or clone one "
+                            "(prompt_text + prompt_audio); start with --voice NAME, or --voice-audio CLIP "
+                            "--voice-text '...', to give them one")
+            else:
+                log.info("default voice: %s", engine.default_voice.name)
+            serve(engine, server, sock)
         finally:
             engine.close()
     return 0
@@ -346,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from chroma_agent.audio import AudioError
     from chroma_agent.model.config import ConfigError
     from chroma_agent.model.loading import CheckpointError
+    from chroma_agent.voices import VoiceError
 
     try:
         if args.command == "generate":
@@ -361,7 +339,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_playground(args)
         if args.command == "serve":
             return run_serve(args)
-    except (UsageError, AudioError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (UsageError, SettingsError, AudioError, ConfigError, CheckpointError, VoiceError, FileNotFoundError,
+            ValueError) as exc:
         print(f"chroma-agent: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command}")

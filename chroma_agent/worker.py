@@ -10,7 +10,10 @@ One worker process loads Chroma once and serves many calls from it:
 * the worker reports its load as busy slots / slots and stops accepting calls when every slot is busy, so
   LiveKit spreads calls across GPU workers;
 * each call may pick its voice, instructions and greeting (see `chroma_agent.worker_config.CallSettings`);
-  phone callers (SIP participants) are handled like any other: their audio is resampled by the plugin.
+  phone callers (SIP participants) are handled like any other: their audio is resampled by the plugin;
+* with ``--server-url`` (``CHROMA_SERVER_URL``) the worker loads no model (nor torch): each call talks to a
+  ``chroma-agent serve`` GPU server over ``/v1/realtime`` (the plugin's remote mode), and the worker registers
+  only once that server answers ``/health``.
 
 Configure it with flags or ``CHROMA_*`` / ``LIVEKIT_*`` environment variables (``chroma-agent --help``).
 """
@@ -18,9 +21,15 @@ Configure it with flags or ``CHROMA_*`` / ``LIVEKIT_*`` environment variables (`
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
+import json
 import logging
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -40,10 +49,12 @@ from livekit.agents import (
 # not in the job threads.
 from livekit.plugins import chroma, silero
 
+from chroma_agent.config import TINY_MAX_REPLY_S, add_flags, describe
 from chroma_agent.worker_config import (
     COMMANDS,
     NEEDS_LIVEKIT,
     SOURCES,
+    CallSettings,
     ConfigError,
     WorkerConfig,
     compute_load,
@@ -61,30 +72,17 @@ log = logging.getLogger("chroma_agent.worker")
 
 def load_worker_engine(config: WorkerConfig) -> Engine:
     """The process's shared engine for `config`, with its default voice set (loads once, then a no-op)."""
-    from chroma_agent.voices import UnknownVoiceError
-
-    if config.model is None:
-        raise ConfigError("no model: set CHROMA_MODEL or pass --model")
-    engine = chroma.load_engine(config.model, device=config.device, dtype=config.dtype,
+    if config.remote:
+        raise ConfigError(f"the worker talks to {config.server_url} and loads no model")
+    device, dtype = config.torch_device()
+    engine = chroma.load_engine(config.checkpoint(), device=device, dtype=dtype,
                                 voices_dir=config.voices_dir, max_sessions=config.max_sessions,
-                                max_reply_s=config.max_reply_seconds)
+                                max_reply_s=min(config.max_reply_seconds, TINY_MAX_REPLY_S) if config.is_tiny
+                                else config.max_reply_seconds)
     if engine.default_voice is not None:
         return engine
-    if config.voice_audio is not None:
-        engine.default_voice = engine.create_voice(config.voice_audio, config.voice_text or "",
-                                                   name=config.voice, save=config.voice is not None).result()
-        log.info("default voice cloned from %s%s", config.voice_audio,
-                 f" and stored as {config.voice!r}" if config.voice else "")
-    elif config.voice is not None:
-        try:
-            engine.default_voice = engine.voices.get(config.voice)
-        except UnknownVoiceError:
-            raise ConfigError(
-                f"CHROMA_VOICE {config.voice!r} is not in {engine.voices.folder} "
-                f"(voices there: {', '.join(engine.voices.names()) or 'none'}); "
-                "clone one with CHROMA_VOICE_AUDIO + CHROMA_VOICE_TEXT"
-            ) from None
-    else:
+    engine.default_voice = config.default_voice(engine)
+    if engine.default_voice is None:
         names = engine.voices.names()
         if len(names) != 1:
             raise ConfigError(
@@ -97,24 +95,92 @@ def load_worker_engine(config: WorkerConfig) -> Engine:
     return engine
 
 
+def wait_for_server(config: WorkerConfig, *, poll_s: float = 2.0) -> dict[str, Any]:
+    """Block until the ``--server-url`` server answers ``/health`` (it may still be loading the model), so the
+    worker registers with LiveKit only once calls can be answered. Returns the health report."""
+    assert config.server_url is not None
+    url = health_url(config.server_url)
+    deadline = time.monotonic() + config.load_timeout
+    last = "no answer yet"
+    logged = False
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                report = json.loads(response.read() or b"{}")
+            log.info("Chroma server %s is ready: %s", config.server_url, report)
+            return report
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except (OSError, ValueError) as exc:
+            last = str(getattr(exc, "reason", exc))
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"{describe('server_url')} = {config.server_url!r}: {url} did not answer within "
+                              f"{config.load_timeout:g} s ({last}); is `chroma-agent serve` running there? "
+                              f"(raise {describe('load_timeout')} while it loads the model)")
+        if not logged:
+            log.info("waiting for the Chroma server at %s (%s)", url, last)
+            logged = True
+        time.sleep(poll_s)
+
+
+def health_url(server_url: str) -> str:
+    """``/health`` of a server given as http(s)://, ws(s)://, with or without ``/v1`` or ``/v1/realtime``."""
+    parts = urllib.parse.urlsplit(server_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    path = parts.path.rstrip("/")
+    for suffix in ("/realtime", "/v1"):
+        path = path.removesuffix(suffix)
+    return urllib.parse.urlunsplit((scheme, parts.netloc, f"{path}/health", "", ""))
+
+
+def remote_voice_exists(config: WorkerConfig, name: str) -> bool:
+    """Whether the ``--server-url`` server stores voice `name` (``GET /v1/voices/{name}``); when the server
+    cannot say, assume it does and let it decide."""
+    assert config.server_url is not None
+    url = health_url(config.server_url).removesuffix("/health") + "/v1/voices/" + urllib.parse.quote(name)
+    request = urllib.request.Request(url)
+    if config.server_api_key:
+        request.add_header("Authorization", f"Bearer {config.server_api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=5):
+            return True
+    except urllib.error.HTTPError as exc:
+        return exc.code != 404
+    except OSError as exc:
+        log.warning("could not ask %s whether it stores voice %r: %s", config.server_url, name, exc)
+        return True
+
+
+def realtime_model(config: WorkerConfig, settings: CallSettings, engine: Engine | None) -> chroma.RealtimeModel:
+    """Chroma for one call: the worker's engine, or the ``--server-url`` server over /v1/realtime."""
+    if config.remote:
+        return chroma.RealtimeModel(base_url=config.server_url, api_key=config.server_api_key,
+                                    voice=settings.voice or config.voice, temperature=settings.temperature,
+                                    max_reply_seconds=config.max_reply_seconds)
+    return chroma.RealtimeModel(engine=engine, model=config.model, voice=settings.voice,
+                                temperature=settings.temperature, max_reply_seconds=config.max_reply_seconds)
+
+
 # --- LiveKit callbacks ------------------------------------------------------------------------------------
 
 
 def prewarm(proc: JobProcess, *, config: WorkerConfig) -> None:
-    """Setup of each job thread: the shared engine (already loaded by `main`) and a VAD."""
-    proc.userdata["engine"] = load_worker_engine(config)
+    """Setup of each job thread: the shared engine (already loaded by `main`; none in remote mode) and a VAD."""
+    if not config.remote:
+        proc.userdata["engine"] = load_worker_engine(config)
     proc.userdata["vad"] = silero.VAD.load()
 
 
 def worker_load(server: AgentServer, *, config: WorkerConfig) -> float:
-    """LiveKit's load function: busy engine slots / slots (see `compute_load`)."""
-    live = sum(engine.live_sessions for engine in chroma.loaded_engines().values())
+    """LiveKit's load function: busy engine slots / slots (see `compute_load`); in remote mode, this worker's
+    calls / --max-sessions (the server's slots are shared with its other clients)."""
+    live = 0 if config.remote else sum(engine.live_sessions for engine in chroma.loaded_engines().values())
     return compute_load(live, len(server.active_jobs), config.max_sessions)
 
 
 async def entrypoint(ctx: JobContext, *, config: WorkerConfig) -> None:
     """One call: the caller's settings, then an AgentSession with Chroma speaking."""
-    engine = ctx.proc.userdata.get("engine") or load_worker_engine(config)
+    engine = None if config.remote else (ctx.proc.userdata.get("engine") or load_worker_engine(config))
     vad = ctx.proc.userdata.get("vad") or silero.VAD.load()
 
     room_options = room_io.RoomOptions()
@@ -131,16 +197,24 @@ async def entrypoint(ctx: JobContext, *, config: WorkerConfig) -> None:
             log.info("phone call from %s: %s", participant.identity, sip)
 
     settings = resolve_call_settings(job_metadata=ctx.job.metadata, room_metadata=room_metadata,
-                                     attributes=attributes, voice_exists=engine.voices.__contains__)
-    model = chroma.RealtimeModel(engine=engine, model=config.model, voice=settings.voice,
-                                 temperature=settings.temperature, max_reply_seconds=config.max_reply_seconds)
+                                     attributes=attributes,
+                                     voice_exists=None if engine is None else engine.voices.__contains__)
+    # The server would refuse an unknown voice and end the call: fall back to the default, as in-process.
+    if (engine is None and settings.voice is not None
+            and not await asyncio.to_thread(remote_voice_exists, config, settings.voice)):
+        log.warning("voice %r is not stored on %s; using the default voice", settings.voice, config.server_url)
+        settings = settings.model_copy(update={"voice": None})
+    model = realtime_model(config, settings, engine)
     session = AgentSession(
         llm=model,
         vad=vad,
         # VAD interruptions: the adaptive detector is a LiveKit Cloud model, this worker stays self-hosted
         turn_handling={"interruption": {"mode": "vad"}},
     )
-    voice = settings.voice or (engine.default_voice.name if engine.default_voice else "?")
+    if engine is None:
+        voice = settings.voice or config.voice or "the server's default"
+    else:
+        voice = settings.voice or (engine.default_voice.name if engine.default_voice else "?")
     log.info("call in room %s: voice %s", ctx.room.name, voice)
     await session.start(agent=Agent(instructions=settings.instructions or config.instructions), room=ctx.room,
                         room_options=room_options)
@@ -177,7 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
         usage="chroma-agent {start,dev,console,connect} [chroma options] [LiveKit options]",
         description="Run Chroma as a LiveKit Agents worker. Commands: start (production), dev (development), "
         "console (talk to it in this terminal, no LiveKit server), connect --room NAME (join one room). "
-        "`chroma-agent COMMAND --help` lists LiveKit's options of a command.",
+        "These commands are parsed by livekit-agents' own CLI: --url, --api-key and --api-secret are its names "
+        "(LiveKit's key and secret; the Chroma server's key is --server-api-key), and "
+        "`chroma-agent COMMAND --help` lists its other options. The settings shared with the other commands "
+        "(--model, --device, --voice, ...) mean the same as in `chroma-agent serve`.",
         epilog="Per-call settings: JSON {\"voice\": ..., \"instructions\": ..., \"greeting\": ..., "
         "\"temperature\": ...} in the dispatch (job) metadata, the room metadata, or the caller's "
         "attributes chroma.voice / chroma.instructions / ...",
@@ -185,26 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     parser.add_argument("-h", "--help", action="store_true", help="show this help")
-    help_of = {
-        "model": "checkpoint folder or Hugging Face repo id (FlashLabs/Chroma-4B)",
-        "device": "auto (default), cpu, cuda, cuda:N, mps",
-        "dtype": "auto (default: bfloat16 on CUDA), float32, bfloat16, float16",
-        "voice": "default voice: a stored voice (or the name to store --voice-audio under)",
-        "voice_audio": "clone the default voice from this clip at start",
-        "voice_text": "what --voice-audio says",
-        "voices_dir": "folder of stored voices (default ~/.cache/chroma-agent/voices)",
-        "max_sessions": "calls at once on this worker (engine slots, default 8)",
-        "agent_name": "name for explicit dispatch (default: automatic dispatch)",
-        "instructions": "default system prompt",
-        "greeting": "instructions for a first reply when a call starts (default: wait for the caller)",
-        "max_reply_seconds": "longest reply (default 30)",
-        "load_timeout": "seconds the model may take to load (default 900)",
-        "livekit_url": "LiveKit server URL",
-        "livekit_api_key": "LiveKit API key",
-        "livekit_api_secret": "LiveKit API secret",
-    }
-    for name, (var, flag) in SOURCES.items():
-        parser.add_argument(flag, dest=name, metavar=var, default=None, help=f"{help_of[name]} [{var}]")
+    add_flags(parser, WorkerConfig)
     return parser
 
 
@@ -263,8 +321,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous_level = root.level
     root.setLevel(logging.INFO)
     try:
-        log.info("loading %s for the worker (%s, %s)", config.model, config.device, config.dtype)
-        load_worker_engine(config)
+        if config.remote:
+            log.info("the worker talks to the Chroma server at %s over /v1/realtime (no model here)",
+                     config.server_url)
+            wait_for_server(config)
+        else:
+            log.info("loading %s for the worker (%s, %s)", config.model, config.device, config.dtype)
+            load_worker_engine(config)
+    except ConfigError as exc:
+        print(f"chroma-agent: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a missing checkpoint, a bad voice file, no GPU, ...
         print(f"chroma-agent: error: could not load the model: {exc}", file=sys.stderr)
         return 2

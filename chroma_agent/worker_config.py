@@ -1,6 +1,7 @@
 """Settings of the LiveKit worker (`chroma-agent start|dev|console|connect`) and of each call.
 
-Worker settings come from flags and environment variables (``CHROMA_*`` and ``LIVEKIT_*``) and are checked at
+Worker settings are the shared ones of every command (`chroma_agent.config`: model, device, voice, ...) plus
+the worker's own, from flags and environment variables (``CHROMA_*`` and ``LIVEKIT_*``); they are checked at
 start, before anything is loaded, with messages that name the variable or flag to fix.
 
 Per-call settings come from the job's dispatch metadata, the room's metadata and the caller's participant
@@ -13,13 +14,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 from collections.abc import Callable, Mapping
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chroma_agent.config import SOURCES as ALL_SOURCES
+from chroma_agent.config import EngineSettings, SettingsError, describe, validate_url
 
 log = logging.getLogger("chroma_agent.worker")
 
@@ -29,140 +30,59 @@ DEFAULT_INSTRUCTIONS = (
 COMMANDS = ("start", "dev", "console", "connect")
 NEEDS_LIVEKIT = ("start", "dev", "connect")  # console runs without a LiveKit server
 
-# field -> (environment variable, flag)
-SOURCES: dict[str, tuple[str, str]] = {
-    "model": ("CHROMA_MODEL", "--model"),
-    "device": ("CHROMA_DEVICE", "--device"),
-    "dtype": ("CHROMA_DTYPE", "--dtype"),
-    "voice": ("CHROMA_VOICE", "--voice"),
-    "voice_audio": ("CHROMA_VOICE_AUDIO", "--voice-audio"),
-    "voice_text": ("CHROMA_VOICE_TEXT", "--voice-text"),
-    "voices_dir": ("CHROMA_VOICES_DIR", "--voices-dir"),
-    "max_sessions": ("CHROMA_MAX_SESSIONS", "--max-sessions"),
-    "agent_name": ("CHROMA_AGENT_NAME", "--agent-name"),
-    "instructions": ("CHROMA_INSTRUCTIONS", "--instructions"),
-    "greeting": ("CHROMA_GREETING", "--greeting"),
-    "max_reply_seconds": ("CHROMA_MAX_REPLY_SECONDS", "--max-reply-seconds"),
-    "load_timeout": ("CHROMA_LOAD_TIMEOUT", "--load-timeout"),
-    "livekit_url": ("LIVEKIT_URL", "--url"),
-    "livekit_api_key": ("LIVEKIT_API_KEY", "--api-key"),
-    "livekit_api_secret": ("LIVEKIT_API_SECRET", "--api-secret"),
-}
-
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ConfigError = SettingsError  # the name this module's callers know
 
 
-class ConfigError(ValueError):
-    """Worker settings that cannot work; the message names what to fix."""
+class WorkerConfig(EngineSettings):
+    """Everything the worker needs; build it with :meth:`from_env` (flags override the environment).
 
+    With ``server_url`` the worker is a thin client: each call talks to that ``chroma-agent serve`` over
+    ``/v1/realtime`` (the plugin's remote mode), and the model settings are the server's business.
+    """
 
-def _voice_name(value: str | None) -> str | None:
-    if value is None:
-        return None
-    from chroma_agent.voices import validate_voice_name
+    command: ClassVar[str] = "start/dev/console/connect"
 
-    return validate_voice_name(value)
-
-
-class WorkerConfig(BaseModel):
-    """Everything the worker needs; build it with :meth:`from_env` (flags override the environment)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model: str | None = None  # checkpoint folder or Hugging Face repo id
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N, mps
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    voice: str | None = None  # default voice (a stored voice, or the name to store a cloned one under)
-    voice_audio: Path | None = None  # clone the default voice from this clip at start...
-    voice_text: str | None = None  # ...which says this
-    voices_dir: Path | None = None
-    max_sessions: int = Field(8, ge=1, le=1024)  # conversations at once (engine slots)
+    server_url: str | None = None
+    server_api_key: str | None = Field(None, repr=False)
     agent_name: str = ""  # set it for explicit dispatch
     instructions: str = DEFAULT_INSTRUCTIONS
     greeting: str | None = None  # what to tell the model to say first; None: wait for the caller
     max_reply_seconds: float = Field(30.0, gt=0, le=600)
-    load_timeout: float = Field(900.0, gt=0)  # seconds the model may take to load
+    load_timeout: float = Field(900.0, gt=0)  # seconds the model (or the server) may take to be ready
     livekit_url: str | None = None
     livekit_api_key: str | None = Field(None, repr=False)
     livekit_api_secret: str | None = Field(None, repr=False)
 
-    @field_validator("device")
+    @field_validator("server_url", "server_api_key", "greeting", mode="before")
     @classmethod
-    def _device(cls, value: str) -> str:
-        if not _DEVICE_RE.match(value):
-            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
-        return value
+    def _blank_worker(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("voice")
-    @classmethod
-    def _voice(cls, value: str | None) -> str | None:
-        return _voice_name(value)
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        if path.exists():
-            if not (path / "config.json").is_file():
-                raise ValueError(f"folder {path} holds no Chroma checkpoint (config.json missing)")
-            return str(path)
-        if not _REPO_ID_RE.match(value):
-            raise ValueError("is neither an existing checkpoint folder nor a Hugging Face repo id "
-                             "(owner/name)")
-        return value
-
-    @field_validator("voice_audio", "voices_dir")
-    @classmethod
-    def _expand(cls, value: Path | None) -> Path | None:
-        return None if value is None else value.expanduser()
-
-    @field_validator("livekit_url")
+    @field_validator("livekit_url", "server_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("ws://", "wss://", "http://", "https://")):
-            raise ValueError("must start with wss://, ws://, https:// or http://")
-        return value
+        return validate_url(value)
 
     @model_validator(mode="after")
-    def _consistent(self) -> WorkerConfig:
-        if self.voice_audio is not None:
-            if not self.voice_audio.is_file():
-                raise ValueError(f"voice_audio: file not found: {self.voice_audio}")
-            if not (self.voice_text and self.voice_text.strip()):
-                raise ValueError("voice_audio needs voice_text (CHROMA_VOICE_TEXT / --voice-text): "
-                                 "the exact words spoken in the clip")
-        if self.voices_dir is not None and self.voices_dir.exists() and not self.voices_dir.is_dir():
-            raise ValueError(f"voices_dir: {self.voices_dir} is not a folder")
+    def _remote(self) -> WorkerConfig:
+        if self.server_url is not None and self.voice_audio is not None:
+            raise ValueError(f"{describe('voice_audio')}: with {describe('server_url')} the worker loads no model "
+                             "and cannot clone; clone the voice on the server (`chroma-agent serve --voice-audio`, "
+                             f"or POST /v1/voices) and name it with {describe('voice')}")
         return self
+
+    @property
+    def remote(self) -> bool:
+        return self.server_url is not None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerConfig:
         """Settings from `env` (default: os.environ), overridden by the non-None keyword arguments (flags)."""
-        env = os.environ if env is None else env
-        data: dict[str, Any] = {}
-        for name, (var, _flag) in SOURCES.items():
-            value = env.get(var)
-            if value is not None and value.strip():
-                data[name] = value.strip()
-        for name, value in overrides.items():
-            if name not in SOURCES:
-                raise TypeError(f"unknown worker setting {name!r}")
-            if value is not None:
-                data[name] = value
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(_explain(exc, data)) from None
+        return cls.from_sources(env, **overrides)  # type: ignore[return-value]
 
     def check_for(self, command: str) -> None:
-        """What `command` needs beyond valid values: a model, and LiveKit credentials to reach a server."""
+        """What `command` needs beyond valid values: LiveKit credentials to reach a server."""
         problems = []
-        if self.model is None:
-            problems.append("no model: set CHROMA_MODEL or pass --model "
-                            "(FlashLabs/Chroma-4B or a checkpoint folder)")
         if command in NEEDS_LIVEKIT:
             for name in ("livekit_url", "livekit_api_key", "livekit_api_secret"):
                 if not getattr(self, name):
@@ -173,18 +93,10 @@ class WorkerConfig(BaseModel):
             raise ConfigError("; ".join(problems))
 
 
-def _explain(exc: ValidationError, data: Mapping[str, Any]) -> str:
-    lines = []
-    for err in exc.errors():
-        name = str(err["loc"][0]) if err["loc"] else ""
-        message = err["msg"].removeprefix("Value error, ")
-        if name in SOURCES:
-            var, flag = SOURCES[name]
-            shown = "<hidden>" if "secret" in name or "key" in name else repr(data.get(name))
-            lines.append(f"{var} / {flag} = {shown}: {message}")
-        else:
-            lines.append(message)
-    return "; ".join(lines)
+# field -> (environment variable, flag), for the worker's settings
+SOURCES: dict[str, tuple[str, str]] = {
+    name: (ALL_SOURCES[name].env[0], ALL_SOURCES[name].flag) for name in WorkerConfig.model_fields
+}
 
 
 def compute_load(live_sessions: int, active_jobs: int, max_sessions: int) -> float:
@@ -222,7 +134,11 @@ class CallSettings(BaseModel):
     @field_validator("voice")
     @classmethod
     def _voice(cls, value: str | None) -> str | None:
-        return _voice_name(value)
+        if value is None:
+            return None
+        from chroma_agent.voices import validate_voice_name
+
+        return validate_voice_name(value)
 
     @field_validator("temperature")
     @classmethod

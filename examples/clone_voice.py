@@ -36,8 +36,7 @@ class CloneError(RuntimeError):
 def clone_local(audio: Path, text: str, name: str, *, model: str, voices_dir: str | Path | None = None,
                 device: str = "auto", dtype: str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """Clone with the model loaded here (`Engine.create_voice`) into `voices_dir`; returns the profile."""
-    import torch
-
+    from chroma_agent.config import ModelSettings, SettingsError
     from chroma_agent.engine.engine import Engine, EngineConfig
     from chroma_agent.voices import VoiceError, VoiceStore, validate_voice_name
 
@@ -48,13 +47,16 @@ def clone_local(audio: Path, text: str, name: str, *, model: str, voices_dir: st
     store = VoiceStore(voices_dir)
     if not overwrite and name in store:  # before loading a model for nothing
         raise CloneError(f"voice {name!r} already exists in {store.folder}; pass --overwrite to replace it")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    # The same --model / --device / --dtype as every chroma-agent command (`tiny`, `auto` included).
+    try:
+        settings = ModelSettings.from_sources({}, model=model, device=device, dtype=dtype)
+        device, dtype = settings.torch_device()
+        checkpoint = settings.checkpoint()
+    except SettingsError as exc:
+        raise CloneError(str(exc)) from None
     # One conversation slot: the engine is only used for its codec and tokenizer here.
     try:
-        engine = Engine.from_pretrained(model, device=device, dtype=dtype, voices_dir=store.folder,
+        engine = Engine.from_pretrained(checkpoint, device=device, dtype=dtype, voices_dir=store.folder,
                                         config=EngineConfig(max_sessions=1))
     except (OSError, ValueError, RuntimeError) as exc:  # no such checkpoint, no GPU, a bad config
         raise CloneError(f"cannot load the model {model}: {exc}") from None

@@ -3,23 +3,56 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"  # in the repository: see its README.md
 
 
 def _fixture_dir() -> Path:
     override = os.environ.get("CHROMA_TINY_FIXTURE")
-    path = Path(override) if override else REPO.parent / "shared" / "fixtures" / "chroma-tiny"
+    path = Path(override) if override else FIXTURES / "chroma-tiny"
     if not (path / "config.json").is_file():
         raise RuntimeError(
-            f"the reference tiny checkpoint is missing at {path}; "
-            "set CHROMA_TINY_FIXTURE to the chroma-tiny folder"
+            f"the reference tiny checkpoint is missing at {path}: "
+            + ("CHROMA_TINY_FIXTURE names a folder without config.json" if override
+               else "tests/fixtures/chroma-tiny is part of the repository; restore it with git checkout")
         )
     return path
+
+
+# Where the browser tests look for Chromium: the same places, in the same order, as
+# scripts/install_browser_deps.sh (which installs one with apt only when none of these exists).
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+BROWSER_HINT = ("run scripts/install_browser_deps.sh (make test does), install Chromium or Chrome on PATH, "
+                "or set CHROMIUM=/path/to/chromium")
+
+
+def find_chromium() -> Path | None:
+    """$CHROMIUM (a path or a command), else the first of BROWSERS on PATH."""
+    override = os.environ.get("CHROMIUM")
+    names = (override,) if override else BROWSERS
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """The Chromium the browser tests drive. A missing one fails them (it is a test requirement, not an
+    optional extra), with what to do about it."""
+    found = find_chromium()
+    if found is None:
+        where = f"CHROMIUM={os.environ['CHROMIUM']} is not an executable" if os.environ.get("CHROMIUM") else (
+            f"none of {', '.join(BROWSERS)} is on PATH")
+        pytest.fail(f"no Chromium for the browser test: {where}; {BROWSER_HINT}")
+    return found
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +96,13 @@ def user_pcm16(golden_dir: Path) -> np.ndarray:
 
 
 @pytest.fixture(scope="session")
-def params_tsv(tiny_dir: Path) -> Path:
-    return tiny_dir.parent / "chroma-4b-params.tsv"
+def params_tsv() -> Path:
+    return FIXTURES / "chroma-4b-params.tsv"
 
 
 @pytest.fixture(scope="session")
-def full_config_json(tiny_dir: Path) -> Path:
-    return tiny_dir.parent / "chroma-4b-config.json"
+def full_config_json() -> Path:
+    return FIXTURES / "chroma-4b-config.json"
 
 
 @pytest.fixture(scope="session")

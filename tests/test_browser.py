@@ -1,7 +1,8 @@
 """The playground end to end in a real browser: headless Chromium with a fake microphone playing a WAV.
 
-Chromium and Playwright's Python package are required, not optional: CI installs them with
-scripts/install_browser_deps.sh, and a missing one fails this test instead of silently skipping it.
+Chromium and Playwright's Python package are required, not optional: scripts/install_browser_deps.sh (run by
+`make test`) finds or installs them, and a missing one fails this test instead of silently skipping it. The
+browser is $CHROMIUM, else chromium / chromium-browser / google-chrome on PATH (conftest.find_chromium).
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import uvicorn
 from chroma_agent.audio import encode_wav, resample
 from chroma_agent.webrtc.playground import TINY_NOTICE, create_app, open_engine
 
-CHROMIUM = Path("/usr/bin/chromium")
-INSTALL_HINT = "run scripts/install_browser_deps.sh (CI installs them)"
+INSTALL_HINT = "run scripts/install_browser_deps.sh (make test does)"
 FLAGS = [
     # Passed by hand with headless=False: Playwright's own headless mode adds --mute-audio.
     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -33,8 +33,6 @@ AGENT_RMS = 0.05  # about -26 dBFS: far above Opus's residue of silence, far bel
 
 
 def sync_playwright():
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: {INSTALL_HINT}")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -81,17 +79,22 @@ def playground_url(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_browser_talks_to_the_agent(playground_url, microphone_wav, tmp_path):
+def test_browser_talks_to_the_agent(playground_url, microphone_wav, tmp_path, chromium):
     console: list[str] = []
     with sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), headless=False, timeout=30_000,
+            str(tmp_path / "profile"), executable_path=str(chromium), headless=False, timeout=30_000,
             args=[*FLAGS, f"--use-file-for-fake-audio-capture={microphone_wav}"],
         )
         try:
             page = context.new_page()
             page.on("console", lambda m: console.append(f"{m.type}: {m.text}"))
             page.goto(playground_url)
+            # Before the first click: the noise warning, and (on localhost) no "no microphone here" warning.
+            page.wait_for_selector("#notice:not([hidden])", timeout=5000)
+            notice_before_click = page.inner_text("#notice")
+            insecure_shown = page.is_visible("#insecure")
+            remote_hint = page.inner_text("#remote-hint")
             page.click("#start")
 
             def wait(condition: str, what: str, timeout_s: float) -> None:
@@ -119,4 +122,7 @@ def test_browser_talks_to_the_agent(playground_url, microphone_wav, tmp_path):
     assert len(re.findall(r"time to first audio \d+ ms", shown)) >= 2, shown
     texts = [t["text"].strip() for t in heard if t["text"].strip()]
     assert texts and all(text in shown for text in texts), (texts, shown)
-    assert "random weights" in notice
+    assert "random weights" in notice and "random weights" in notice_before_click
+    assert not insecure_shown
+    port = playground_url.rstrip("/").rsplit(":", 1)[1]
+    assert f"ssh -N -L {port}:localhost:{port}" in remote_hint

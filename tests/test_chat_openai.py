@@ -294,7 +294,7 @@ def test_without_a_default_voice_speech_needs_a_named_voice(serve, make_engine, 
         audio_reply(client, golden_messages, voice="alloy", frames=2)
     error = info.value.body
     assert error["code"] == "voice_required" and error["param"] == "audio.voice"
-    assert "--default-voice" in error["message"]
+    assert "--voice-audio" in error["message"]  # the setting that gives the server a default voice
     # text needs no voice; a stored voice named in the request speaks
     text = client.chat.completions.create(model=AUDIO_MODEL, messages=golden_messages, temperature=0,
                                           max_completion_tokens=32)

@@ -97,7 +97,7 @@ def _wav_bytes(x: np.ndarray, rate: int) -> bytes:
         ("empty_user_wav", "empty"),
         ("bad_json", "not valid JSON"),
         ("missing_voice", "not found"),
-        ("empty_voice_text", "prompt text is empty"),
+        ("empty_voice_text", "--voice-text is missing"),
         ("missing_tokenizer", "tokenizer"),
         ("missing_weights", "model.safetensors"),
     ],

@@ -665,7 +665,6 @@ def test_widget_page_has_the_elements_the_readme_names(widget, lk_settings):
     assert client.get("/health").json() == {"status": "ok"}
 
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 STUB_LIVEKIT_CLIENT = """
@@ -690,12 +689,9 @@ window.LivekitClient = {
 """
 
 
-def test_widget_page_in_a_browser(widget, lk_settings):
+def test_widget_page_in_a_browser(widget, lk_settings, chromium):
     """The page's script in headless Chromium, with a stub standing in for livekit-client (no network)."""
     import uvicorn
-
-    if not CHROMIUM.is_file():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/install_browser_deps.sh (CI installs it)")
     from playwright.sync_api import sync_playwright
 
     server = uvicorn.Server(uvicorn.Config(widget.create_app(lk_settings), log_level="warning"))
@@ -708,7 +704,7 @@ def test_widget_page_in_a_browser(widget, lk_settings):
             time.sleep(0.02)
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/?site=demo"
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=False, args=CHROMIUM_FLAGS)
+            browser = p.chromium.launch(executable_path=str(chromium), headless=False, args=CHROMIUM_FLAGS)
             try:
                 page = browser.new_page()
                 page.route("https://**/*", lambda route: route.fulfill(

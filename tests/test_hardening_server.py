@@ -330,10 +330,11 @@ def test_connections_beyond_max_connections_get_503_at_once(make_engine, golden_
 def test_serve_refuses_bad_hardening_flags_with_exit_2(tiny_dir, capsys):
     from chroma_agent.cli import main
 
-    for flags, message in ((["--header-timeout-s", "0"], "header_timeout_s"),
-                           (["--max-header-kb", "0"], "max_header_bytes"),
-                           (["--max-connections", "-1"], "max_connections"),
-                           (["--max-audio-samples", "0"], "max_audio_samples")):
+    # The messages name the flag and its variable (chroma_agent.config), as every bad setting's does.
+    for flags, message in ((["--header-timeout-s", "0"], "CHROMA_HEADER_TIMEOUT_S / --header-timeout-s"),
+                           (["--max-header-kb", "0"], "CHROMA_MAX_HEADER_KB / --max-header-kb"),
+                           (["--max-connections", "-1"], "CHROMA_MAX_CONNECTIONS / --max-connections"),
+                           (["--max-audio-samples", "0"], "CHROMA_MAX_AUDIO_SAMPLES / --max-audio-samples")):
         assert main(["serve", "--model", str(tiny_dir), *flags]) == 2, flags
         assert message in capsys.readouterr().err, flags
 

@@ -17,9 +17,10 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
 from chroma_agent.audio import resample, to_pcm16
 from chroma_agent.cli import build_parser, main
+from chroma_agent.config import PlaygroundSettings
 from chroma_agent.frames import OUTPUT_RATE as REPLY_RATE
 from chroma_agent.vad import VAD_RATE, WINDOW, SileroVad, SpeechStarted, TurnDetector, TurnEnded
-from chroma_agent.webrtc.playground import TINY_MAX_REPLY_S, create_app, open_engine
+from chroma_agent.webrtc.playground import TINY_MAX_REPLY_S, create_app, open_engine, reach_hint
 from chroma_agent.webrtc.session import ReplyTrack
 
 MIC_RATE = 48_000
@@ -281,14 +282,31 @@ def test_offer_errors(make_engine, golden_voice):
         assert "http://" not in text and "https://" not in text and "//cdn" not in text
 
 
+def test_the_page_says_before_any_click_what_the_model_is_and_how_to_reach_it(make_engine, golden_voice):
+    engine = make_engine(golden_default_voice=golden_voice, max_sessions=1)
+
+    async def get(app, path):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://pg") as http:
+            return await http.get(path)
+
+    with_notice = asyncio.run(get(create_app(engine, notice="random weights: noise"), "/info"))
+    assert with_notice.json() == {"notice": "random weights: noise"}
+    assert asyncio.run(get(create_app(engine), "/info")).json() == {"notice": None}
+    page = asyncio.run(get(create_app(engine), "/")).text
+    # The microphone needs localhost or https: the page explains the SSH tunnel, and warns when it is neither.
+    assert 'id="insecure"' in page and 'id="remote-hint"' in page and "ssh -N -L" in page
+    assert "ssh -N -L 9000:localhost:9000" in reach_hint("0.0.0.0", 9000)
+    assert "https" in reach_hint("127.0.0.1", 8080) and "SSH" in reach_hint("127.0.0.1", 8080)
+
+
 # --- the command --------------------------------------------------------------------------------------------
 
 
-def test_playground_command_defaults_and_usage_errors(capsys):
-    args = build_parser().parse_args(["playground"])
-    assert (args.model, args.host, args.port, args.device) == ("tiny", "127.0.0.1", 8080, "cpu")
-    assert main(["playground", "--voice-audio", "ref.wav"]) == 2
-    assert "--voice-audio and --voice-text go together" in capsys.readouterr().err
+def test_playground_command_defaults_and_usage_errors(capsys, golden_dir):
+    settings = PlaygroundSettings.from_args(build_parser().parse_args(["playground"]), env={})
+    assert (settings.model, settings.host, settings.port, settings.device) == ("tiny", "127.0.0.1", 8080, "auto")
+    assert main(["playground", "--voice-audio", str(golden_dir / "voice.wav")]) == 2
+    assert "--voice-audio and CHROMA_VOICE_TEXT / --voice-text go together" in capsys.readouterr().err
     assert main(["playground", "--model", "some/where", "--port", "0"]) == 2
     assert "needs a voice" in capsys.readouterr().err
     with socket.socket() as taken:

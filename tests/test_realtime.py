@@ -1148,7 +1148,7 @@ def test_without_a_default_voice_sessions_have_none_and_speech_needs_one(serve, 
             error = (await sdk_events_until(conn, "error", events)).error
             assert (error.code, error.param, error.event_id) == ("voice_required", "session.audio.output.voice",
                                                                  "speak")
-            assert "--default-voice" in error.message
+            assert "--voice-audio" in error.message  # the setting that gives the server a default voice
             # text needs no voice
             await conn.response.create(response={"output_modalities": ["text"], "max_output_tokens": 4})
             done = await sdk_events_until(conn, "response.done", events)

@@ -522,7 +522,7 @@ def test_serve_refuses_bad_flags_with_exit_2(tiny_dir, tmp_path, capsys):
             (["--assets-dir", str(tmp_path / "missing")], "--assets-dir"),
             (["--api-key", "short"], "--api-key"),
             (["--device", "cuda:7" if not torch_cuda() else "nonsense"], "--device"),
-            (["--voices-dir", str(tmp_path), "--default-voice", "nobody"], "--default-voice"),
+            (["--voices-dir", str(tmp_path), "--voice", "nobody"], "--voice"),
             (["--port", busy], "cannot listen"),
         ]:
             assert main(["serve", "--model", str(tiny_dir), *flags]) == 2, flags

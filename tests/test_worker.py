@@ -68,7 +68,9 @@ def test_settings_come_from_the_environment_and_flags_win(tmp_path):
         ({"LIVEKIT_URL": "localhost:7880"}, "LIVEKIT_URL / --url = 'localhost:7880': must start with wss://"),
         ({"CHROMA_VOICE": "../etc/passwd"}, "CHROMA_VOICE / --voice = '../etc/passwd': voice name"),
         ({"CHROMA_MODEL": "not a model"}, "neither an existing checkpoint folder nor a Hugging Face repo id"),
-        ({"CHROMA_VOICE_AUDIO": "/no/such/clip.wav"}, "voice_audio: file not found: /no/such/clip.wav"),
+        ({"CHROMA_VOICE_AUDIO": "/no/such/clip.wav"},
+         "CHROMA_VOICE_AUDIO / --voice-audio = '/no/such/clip.wav': file not found"),
+        ({"CHROMA_SERVER_URL": "gpu-box:8000"}, "CHROMA_SERVER_URL / --server-url = 'gpu-box:8000': must start"),
         ({"CHROMA_MAX_REPLY_SECONDS": "-1"}, "CHROMA_MAX_REPLY_SECONDS / --max-reply-seconds = '-1'"),
     ],
 )
@@ -85,7 +87,7 @@ def test_a_secret_is_never_echoed():
 
 
 def test_voice_audio_needs_its_transcript(golden_dir):
-    with pytest.raises(ConfigError, match="voice_audio needs voice_text"):
+    with pytest.raises(ConfigError, match="go together: CHROMA_VOICE_TEXT / --voice-text is missing"):
         WorkerConfig.from_env({"CHROMA_VOICE_AUDIO": str(golden_dir / "voice.wav")})
 
 
@@ -93,8 +95,8 @@ def test_each_command_says_what_it_is_missing(tiny_dir):
     with pytest.raises(ConfigError) as info:
         WorkerConfig.from_env({}).check_for("start")
     text = str(info.value)
-    assert "no model: set CHROMA_MODEL" in text and "LIVEKIT_URL is not set" in text
-    assert "LIVEKIT_API_SECRET is not set" in text
+    assert "LIVEKIT_URL is not set" in text and "LIVEKIT_API_SECRET is not set" in text
+    assert WorkerConfig.from_env({}).model == "FlashLabs/Chroma-4B"  # the default, as in every command
     WorkerConfig.from_env({"CHROMA_MODEL": str(tiny_dir)}).check_for("console")  # no server needed
     with pytest.raises(ConfigError, match="LIVEKIT_API_KEY"):
         config = WorkerConfig.from_env({"CHROMA_MODEL": str(tiny_dir), "LIVEKIT_URL": "ws://localhost:7880"})
@@ -193,7 +195,7 @@ def test_prewarm_loads_the_engine_once_and_reports_real_capacity(tiny_dir, golde
 def test_the_default_voice_must_exist(tiny_dir, tmp_path, shared_engines):
     config = WorkerConfig.from_env({}, model=str(tiny_dir), device="cpu", voice="support-anna",
                                    voices_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="CHROMA_VOICE 'support-anna' is not in .*voices there: none"):
+    with pytest.raises(ConfigError, match="CHROMA_VOICE / --voice = 'support-anna': .*stored voices: none"):
         worker.load_worker_engine(config)
     chroma.close_engines()
     with pytest.raises(ConfigError, match="no default voice: set CHROMA_VOICE"):
@@ -298,3 +300,87 @@ def test_entrypoint_gives_each_call_its_settings(tiny_dir, golden_dir, voice_tex
     assert started["reply"] == {"instructions": "Say hello."}
     assert "phone call from sip_+15550100" in caplog.text
     assert "voice 'nobody' is not a stored voice" in caplog.text
+
+
+# --- remote mode: the model runs in a `chroma-agent serve` ------------------------------------------------------
+
+
+REMOTE = {"CHROMA_SERVER_URL": "http://gpu-box:8000", "CHROMA_VOICE": "support-anna"}
+
+
+def test_remote_mode_loads_no_model_and_each_call_talks_to_the_server(monkeypatch):
+    config = WorkerConfig.from_env(REMOTE)
+    assert config.remote
+    monkeypatch.setattr(worker, "load_worker_engine", lambda config: pytest.fail("must not load a model"))
+    proc = SimpleNamespace(userdata={})
+    worker.prewarm(proc, config=config)
+    assert "engine" not in proc.userdata and proc.userdata["vad"] is not None
+    model = worker.realtime_model(config, CallSettings(temperature=0.3), None)
+    assert model.options.base_url == "http://gpu-box:8000" and model.engine is None
+    assert model.options.voice == "support-anna" and model.options.temperature == 0.3  # the worker's default
+    assert worker.realtime_model(config, CallSettings(voice="other"), None).options.voice == "other"
+    # Load: this worker's calls over its --max-sessions (the server's slots are shared with other clients).
+    assert worker.worker_load(SimpleNamespace(active_jobs=[object()]), config=config) == 1 / 4
+
+
+def test_remote_mode_cannot_clone_a_voice(golden_dir):
+    with pytest.raises(ConfigError, match="clone the voice on the server"):
+        WorkerConfig.from_env({**REMOTE, "CHROMA_VOICE_AUDIO": str(golden_dir / "voice.wav"),
+                               "CHROMA_VOICE_TEXT": "Hello."})
+
+
+@pytest.mark.parametrize(("url", "health"), [
+    ("http://gpu-box:8000", "http://gpu-box:8000/health"),
+    ("https://chroma.example.com/v1/", "https://chroma.example.com/health"),
+    ("wss://chroma.example.com/v1/realtime", "https://chroma.example.com/health"),
+    ("ws://10.0.0.5:8000/prefix/v1", "http://10.0.0.5:8000/prefix/health"),
+])
+def test_the_server_is_probed_at_its_health_endpoint(url, health):
+    assert worker.health_url(url) == health
+
+
+def test_main_gives_up_on_a_server_that_never_answers(capsys, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(worker, "_run_livekit_cli", lambda server, args: pytest.fail("must not register"))
+    with socket.socket() as probe:  # a port with nothing listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert worker.main(["console", "--server-url", f"http://127.0.0.1:{port}", "--load-timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"CHROMA_SERVER_URL / --server-url = 'http://127.0.0.1:{port}'" in err
+    assert "did not answer within 1 s" in err and "CHROMA_LOAD_TIMEOUT" in err
+
+
+
+def test_remote_calls_ask_the_server_for_their_voice(make_engine, golden_voice, monkeypatch, caplog):
+    """A call naming a voice the server lacks speaks with the default one instead of failing (a real server)."""
+    import asyncio
+
+    from chroma_agent.server.app import create_app
+    from chroma_agent.server.runner import ServerThread
+
+    engine = make_engine(golden_default_voice=golden_voice)
+    engine.voices.save(golden_voice)
+    with ServerThread(create_app(engine)) as server:
+        config = WorkerConfig.from_env({"CHROMA_SERVER_URL": server.url})
+        assert worker.remote_voice_exists(config, "golden") and not worker.remote_voice_exists(config, "nobody")
+        seen = []
+
+        class FakeSession:
+            def __init__(self, **kwargs):
+                seen.append(kwargs["llm"])
+
+            async def start(self, **kwargs):
+                pass
+
+        monkeypatch.setattr(worker, "AgentSession", FakeSession)
+        for voice in ("golden", "nobody"):
+            ctx = SimpleNamespace(proc=SimpleNamespace(userdata={"vad": object()}),
+                                  job=SimpleNamespace(metadata=json.dumps({"voice": voice})),
+                                  room=SimpleNamespace(name="room", metadata=""), is_fake_job=lambda: True)
+            with caplog.at_level(logging.WARNING, logger="chroma_agent.worker"):
+                asyncio.run(worker.entrypoint(ctx, config=config))
+    assert [model.options.voice for model in seen] == ["golden", None]
+    assert all(model.options.base_url == server.url for model in seen)
+    assert "voice 'nobody' is not stored on" in caplog.text

@@ -66,6 +66,22 @@ def backbone_capacity(prefix_len: int, max_frames: int) -> int:
     return prefix_len + 2 + steps + 2 * ((steps + 1) // 2) + 2
 
 
+_STEPS: dict[tuple, tuple[DecodeBatch, StepRunner]] = {}
+
+
+def _one_row(model: ChromaModel, thinker_slots: int, backbone_slots: int, mode: str | None) -> tuple[DecodeBatch, StepRunner]:
+    """A one-row batch and its step runner, kept for the next reply of similar size: capacities are rounded
+    up to 512 slots so replies share shapes, and a compiled or captured step is built once, not per reply."""
+    round_up = lambda n: -(-n // 512) * 512  # noqa: E731
+    key = (id(model), round_up(thinker_slots), round_up(backbone_slots), mode)
+    if key not in _STEPS:
+        while len(_STEPS) >= 2:  # each holds KV caches: keep the two latest shapes
+            _STEPS.pop(next(iter(_STEPS)))
+        batch = DecodeBatch(model, 1, key[1], key[2])
+        _STEPS[key] = (batch, StepRunner(batch, mode))
+    return _STEPS[key]
+
+
 def feature_clips(prompt: PromptInputs) -> list[torch.Tensor]:
     """A prompt's Whisper features as one [mels, valid frames] tensor per clip."""
     if prompt.input_features is None:
@@ -92,8 +108,7 @@ def generate_reply(
     ids = prompt.input_ids.reshape(-1).tolist()
     max_text = (max_frames + 2) // 2 + 1
     prefix_len = voice_prefix.shape[0]
-    batch = DecodeBatch(model, 1, len(ids) + max_text, backbone_capacity(prefix_len, max_frames))
-    runner = StepRunner(batch, step_mode)
+    batch, runner = _one_row(model, len(ids) + max_text, backbone_capacity(prefix_len, max_frames), step_mode)
     suffix = "" if (sampling or SamplingParams()).greedy else "+sampled"
     runner.warm_up(progress=False, kinds=("text" + suffix, "audio" + suffix))
 
@@ -109,22 +124,26 @@ def generate_reply(
     k = cfg.num_codebooks
     done = ReplyDone(reason="max_frames")
     text = True
-    while True:
-        row = runner.launch(1, ("text" if text else "audio") + suffix).wait()[0]
-        text = not text
-        step = int(row[k + 4])
-        token = int(row[k])
-        if token >= 0:
-            done.text_ids.append(token)
-            yield TextToken(token, step)
-        if row[k + 2]:
-            codes = torch.from_numpy(row[:k].astype("int64"))
-            done.frames.append(codes)
-            yield AudioFrame(codes, len(done.frames) - 1, step, row[batch.header :].tobytes())
-        finish = int(row[k + 3])
-        if finish:
-            if finish == Finish.NONFINITE:
-                raise FloatingPointError("the model produced a non-finite value")
-            done.reason = "eos" if finish == Finish.EOS else "max_frames"
-            break
+    try:
+        while True:
+            row = runner.launch(1, ("text" if text else "audio") + suffix).wait()[0]
+            text = not text
+            step = int(row[k + 4])
+            token = int(row[k])
+            if token >= 0:
+                done.text_ids.append(token)
+                yield TextToken(token, step)
+            if row[k + 2]:
+                codes = torch.from_numpy(row[:k].astype("int64"))
+                done.frames.append(codes)
+                yield AudioFrame(codes, len(done.frames) - 1, step, row[batch.header :].tobytes())
+            finish = int(row[k + 3])
+            if finish:
+                if finish == Finish.NONFINITE:
+                    batch.scrub_row(0)  # the row is reused by the next reply
+                    raise FloatingPointError("the model produced a non-finite value")
+                done.reason = "eos" if finish == Finish.EOS else "max_frames"
+                break
+    finally:
+        batch.stop_row(0)  # the batch is kept for the next reply (see _one_row)
     yield done

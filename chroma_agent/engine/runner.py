@@ -41,9 +41,10 @@ def default_mode(device: torch.device) -> str:
     return "cuda_graph" if device.type == "cuda" else "eager"
 
 
-def default_buckets(rows: int, device: torch.device) -> list[int]:
-    """Powers of two up to `rows` on a GPU (each bucket is one graph); one bucket on CPU."""
-    if device.type != "cuda":
+def default_buckets(rows: int, mode: str) -> list[int]:
+    """Powers of two up to `rows`, so a lightly loaded engine runs small steps; a single bucket for a
+    compiled CPU step, where every bucket is another compile of about a minute."""
+    if mode == "compile" and rows > 1:
         return [rows]
     buckets, n = [], 1
     while n < rows:
@@ -76,7 +77,7 @@ class StepRunner:
             raise ValueError(f"step mode {mode!r} needs a CUDA device")
         self.batch = batch
         self.mode = mode
-        self.buckets = sorted(set(buckets or default_buckets(batch.rows, device)))
+        self.buckets = sorted(set(buckets or default_buckets(batch.rows, mode)))
         if self.buckets[-1] != batch.rows or self.buckets[0] < 1:
             raise ValueError(f"buckets {self.buckets} must be >= 1 and end at the batch size {batch.rows}")
         self._fns: dict[tuple[int, str], Callable[[], None]] = {}
@@ -124,12 +125,12 @@ class StepRunner:
     def warm_up(self, progress: bool = True, kinds: tuple[str, ...] = KINDS) -> float:
         """Capture every (bucket, kind) now, with no row active; returns the seconds it took. (Plain `compile`
         compiles each function on first use instead: capturing is what must happen before any row runs.)"""
-        if not self.mode.endswith("cuda_graph") or not kinds:
+        keys = [(n, kind) for n in self.buckets for kind in kinds if (n, kind) not in self._graphs]
+        if not self.mode.endswith("cuda_graph") or not keys:
             return 0.0
         if self.batch.active.any() or self.batch.text_active.any():  # a sync, but only at startup
             raise RuntimeError("warm_up must run before any row is active")
         t0 = time.perf_counter()
-        keys = [(n, kind) for n in self.buckets for kind in kinds]
         for i, (n, kind) in enumerate(keys, start=1):
             t1 = time.perf_counter()
             self._capture(n, kind)

@@ -4,8 +4,9 @@
 * OpenAI's stock names (`alloy`, `marin`, ...) are what OpenAI clients send by default: they mean "the server's
   voice", i.e. the configured default, and never a stored voice of the same name (anyone who may store a voice
   could otherwise take over every stock-named session).
-* No name is the configured default. The default is what the operator configured (`--default-voice`) and
-  nothing else: never a voice picked from the store, whose contents any API client may change.
+* No name is the configured default. The default is what the operator configured (`--voice`, or `--voice-audio`
+  + `--voice-text`) and nothing else: never a voice picked from the store, whose contents any API client may
+  change.
 
 Without a configured default, a reply that must speak and names no voice is refused (`voice_required`, by the
 caller: chat completions answer 400, the realtime endpoint an error event). A reply that need not speak
@@ -19,7 +20,7 @@ from chroma_agent.realtime_protocol import OPENAI_VOICES
 from chroma_agent.voices import UnknownVoiceError, VoiceProfile
 
 #: The operator's setting a missing default voice is named by, in error messages.
-DEFAULT_VOICE_SETTING = "--default-voice"
+DEFAULT_VOICE_SETTING = "--voice or --voice-audio"
 
 
 

@@ -13,7 +13,14 @@ from fastapi import FastAPI, HTTPException
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from chroma_agent.engine.engine import Engine, EngineBusyError, EngineConfig
+from chroma_agent.config import (
+    TINY,
+    TINY_MAX_REPLY_S,
+    PlaygroundSettings,
+    SettingsError,
+    ensure_tiny_checkpoint,
+)
+from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.vad import silero_session
 from chroma_agent.voices import VoiceProfile
 from chroma_agent.webrtc.session import PeerSession, use_loopback_only
@@ -22,8 +29,6 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_INSTRUCTIONS = "You are Chroma, a helpful voice assistant."
-TINY = "tiny"
-TINY_MAX_REPLY_S = 5.0  # random weights almost never end a reply by themselves
 TINY_VOICE_TEXT = "Hello, this is the voice to clone."
 TINY_NOTICE = (
     f"This is the tiny model with random weights: it answers with loud noise (at most {TINY_MAX_REPLY_S:g} s). "
@@ -83,41 +88,42 @@ def create_app(
             raise HTTPException(400, f"unusable offer: {exc}") from None
         return Answer(sdp=answer.sdp, type=answer.type, session=session.id)
 
+    @app.get("/info")
+    async def info() -> dict[str, str | None]:
+        """What the page shows before the first click (the tiny model's noise warning)."""
+        return {"notice": notice}
+
     app.mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static")
     return app
 
 
 def open_engine(
-    model: str,
+    model: PlaygroundSettings | str = TINY,
     *,
-    device: str = "cpu",
-    dtype: str = "float32",
-    tiny_dir: Path = Path("build/tiny"),
+    device: str = "auto",
+    dtype: str = "auto",
+    tiny_dir: Path | None = None,
     voice: str | None = None,
     voice_audio: Path | None = None,
     voice_text: str | None = None,
 ) -> tuple[Engine, VoiceProfile]:
-    """The engine and the voice it speaks in. `model="tiny"` builds a random checkpoint in `tiny_dir` if
-    missing and, unless a voice is given, clones a synthetic clip."""
-    if (voice_audio is None) != (voice_text is None):
-        raise ValueError("--voice-audio and --voice-text go together")
-    tiny = model == TINY
-    if not tiny and voice is None and voice_audio is None:
-        raise ValueError(f"--model {model} needs a voice: --voice NAME (a saved voice) or "
-                         "--voice-audio WAV --voice-text 'what the clip says'")
-    if tiny and not (tiny_dir / "config.json").is_file():
-        from chroma_agent.model.tiny import build_tiny_checkpoint
+    """The engine and the voice it speaks in, from the command's settings (or the same as arguments).
 
-        log.info("building the tiny random checkpoint in %s", tiny_dir)
-        build_tiny_checkpoint(tiny_dir)
-    config = EngineConfig(max_reply_s=TINY_MAX_REPLY_S) if tiny else None
-    engine = Engine.from_pretrained(tiny_dir if tiny else model, device=device, dtype=dtype, config=config)
+    `tiny` builds its random checkpoint once (in `tiny_dir`, default ~/.cache/chroma-agent/tiny) and, unless a
+    voice is given, clones a synthetic clip; any other model needs a voice."""
+    if isinstance(model, PlaygroundSettings):
+        settings = model
+    else:
+        settings = PlaygroundSettings.from_sources({}, model=model, device=device, dtype=dtype, voice=voice,
+                                                   voice_audio=voice_audio, voice_text=voice_text)
+    if not settings.is_tiny and settings.voice is None and settings.voice_audio is None:
+        raise SettingsError(f"--model {settings.model} needs a voice: --voice NAME (a saved voice) or "
+                            "--voice-audio WAV --voice-text 'what the clip says'")
+    checkpoint = ensure_tiny_checkpoint(tiny_dir) if settings.is_tiny and tiny_dir is not None else None
+    engine = settings.load_engine(checkpoint=checkpoint)
     try:
-        if voice_audio is not None:
-            profile = engine.create_voice(voice_audio, voice_text, name="playground").result()
-        elif voice is not None:
-            profile = engine.voices.get(voice)
-        else:
+        profile = engine.default_voice
+        if profile is None:  # the tiny model without a voice: a synthetic clip
             from chroma_agent.cli import _synthetic_clip
 
             rate = engine.model.config.sample_rate
@@ -127,3 +133,16 @@ def open_engine(
         engine.close()
         raise
     return engine, profile
+
+
+def reach_hint(host: str, port: int) -> str:
+    """How to open the page from another machine: browsers give the microphone only to https:// pages and to
+    localhost, so a plain http:// address on the network gets no microphone; an SSH tunnel makes it localhost."""
+    tunnel = (f"ssh -N -L {port}:localhost:{port} USER@THIS-MACHINE, then open http://localhost:{port}/ "
+              "on that machine")
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return (f"From another machine: browsers allow the microphone only on https:// or localhost pages, so "
+                f"forward the port over SSH: {tunnel}.")
+    return (f"Listening on {host}: browsers on other machines allow the microphone only on https:// or "
+            f"localhost pages, so a plain http:// address gets no microphone. Forward the port over SSH "
+            f"instead: {tunnel} (or put an https proxy in front).")

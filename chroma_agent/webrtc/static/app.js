@@ -15,8 +15,32 @@ let agentMeter = null;
 let playingTurn = null; // the reply whose audio the agent meter is hearing
 
 $("start").addEventListener("click", () => (pc ? hangUp() : start().catch(fail)));
+showPageInfo();
+
+// What to know before the first click: the server's notice (the tiny model speaks noise), and whether this page
+// may use the microphone at all (browsers allow it only on https pages and on localhost).
+async function showPageInfo() {
+  const port = location.port || (location.protocol === "https:" ? "443" : "80");
+  for (const el of document.querySelectorAll(".port")) el.textContent = port;
+  $("insecure").hidden = window.isSecureContext;
+  try {
+    const res = await fetch("info");
+    const info = await res.json();
+    if (info.notice) showNotice(info.notice);
+  } catch (err) {
+    playground.errors.push(`info: ${err.message || err}`);
+  }
+}
+
+function showNotice(text) {
+  $("notice").textContent = text;
+  $("notice").hidden = false;
+}
 
 async function start() {
+  if (!navigator.mediaDevices) {
+    throw new Error("this browser gives no microphone to this page: open it on localhost (SSH tunnel, see above) or over https");
+  }
   $("start").disabled = true;
   setState("connecting");
   micStream = await navigator.mediaDevices.getUserMedia({
@@ -104,10 +128,7 @@ function onEvent(msg) {
   const turn = msg.turn === undefined ? null : turnOf(msg.turn);
   switch (msg.type) {
     case "hello":
-      if (msg.notice) {
-        $("notice").textContent = msg.notice;
-        $("notice").hidden = false;
-      }
+      if (msg.notice) showNotice(msg.notice);
       break;
     case "state":
       setState(msg.state);
