@@ -20,7 +20,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 ROOTS = {"chroma_agent": REPO / "chroma_agent", "livekit.plugins.chroma": REPO / "plugin/livekit/plugins/chroma"}
 PLUGIN = "livekit.plugins.chroma"
-LEAVES = {"chroma_agent.audio", "chroma_agent.frames", "chroma_agent.lazy"}  # import nothing of ours
+# The leaf helpers: they import nothing of ours but each other.
+LEAVES = {"chroma_agent.audio", "chroma_agent.frames", "chroma_agent.lazy", "chroma_agent.playout"}
 TOP = "chroma_agent"  # the public API package; front ends take only __version__ from it
 
 
@@ -149,7 +150,7 @@ def test_there_is_no_import_cycle():
 
 def test_the_graph_sees_function_level_and_lazy_imports():
     # guards the test itself: a function-level import and a name taken from a lazy package are edges
-    assert "chroma_agent.engine.engine" in EDGES["chroma_agent.cli"]
+    assert "chroma_agent.engine.engine" in EDGES["chroma_agent.config"]  # inside load_engine
     assert "chroma_agent.voices.profile" in EDGES["chroma_agent.engine.engine"]
     assert "chroma_agent.engine.engine" in EDGES["chroma_agent"]
 
@@ -167,7 +168,7 @@ ALLOWED = {
     "webrtc": {"engine", "model", "voices", "vad", "config"},
     # the packaged LiveKit worker is made of the plugin: the one front end another one builds on
     "worker": {"engine", "voices", "config", "worker_config", "plugin"},
-    "worker_config": {"voices"},
+    "worker_config": {"voices", "config"},
     "plugin": {"engine", "voices", "realtime_client", "realtime_protocol", TOP},
 }
 
@@ -176,7 +177,7 @@ ALLOWED = {
 def test_each_layer_imports_only_what_is_below_it(module):
     mine = layer(module)
     if module in LEAVES:
-        assert EDGES[module] == set(), f"{module} is a leaf: it imports nothing of ours"
+        assert EDGES[module] <= LEAVES, f"{module} is a leaf helper: it imports nothing of ours but the others"
         return
     if mine not in ALLOWED:  # cli, config, the top package: above the front ends, or not yet layered
         return
