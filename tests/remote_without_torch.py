@@ -3,7 +3,7 @@
     python remote_without_torch.py URL API_KEY USER_WAV SYSTEM_PROMPT FRAMES
 
 Prints one JSON line: what was imported, and what the reply was. Everything here must work without torch: the
-protocol, the realtime client, the plugin's remote mode, and the public API package itself.
+protocol, the realtime client, the plugin's remote mode, the public API package, the worker and its command.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main() -> None:
     from livekit.plugins import chroma
 
     import chroma_agent
+    import chroma_agent.cli
     import chroma_agent.realtime_protocol  # noqa: F401
+    import chroma_agent.worker  # noqa: F401  (the packaged worker, as `start --server-url` runs it)
     from chroma_agent.frames import FRAME_S
 
     samples, rate = sf.read(wav, dtype="int16")
@@ -58,6 +60,12 @@ def main() -> None:
                 "connections": connections}
 
     result = asyncio.run(asyncio.wait_for(converse(), 60))
+    try:  # the worker's command line, as a remote worker starts it
+        chroma_agent.cli.main(["start", "--help"])
+    except SystemExit as exc:
+        result["start_help"] = exc.code
+    else:
+        result["start_help"] = 0
     result.update(has_torch=has_torch, torch_loaded="torch" in sys.modules, version=chroma_agent.__version__)
     print(json.dumps(result))
 

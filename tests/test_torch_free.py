@@ -1,10 +1,11 @@
 """A worker that only talks to a GPU server needs no torch: the LiveKit plugin in remote mode, the realtime
 protocol and its client, in a real venv where torch is not installed, holding a conversation with a tiny server.
 
-The venv is made with ``python -m venv --without-pip`` and given exactly the distributions remote mode needs:
-the dependency closure of livekit-agents, numpy, soxr, soundfile, pydantic and aiohttp as this test venv has
-them installed (their files hard-linked, or copied across filesystems; no index, no network), plus this
-repository on its path. torch is not in that closure; the test fails if it ever becomes part of it.
+The venv is made with ``python -m venv --without-pip`` and given exactly what ``pip install
+"chroma-agent[livekit]"`` would give it: the dependency closure of the project's dependencies and its
+``livekit`` extra, as pyproject.toml lists them, with the versions this test venv has installed (their files
+hard-linked, or copied across filesystems; no index, no network), plus this repository on its path. torch is
+not in that closure; the test fails if it ever becomes part of it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ import venv
 from pathlib import Path
 
 import pytest
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
@@ -27,7 +33,9 @@ from chroma_agent.server.runner import ServerThread
 from chroma_agent.server.settings import ServerSettings
 
 REPO = Path(__file__).resolve().parents[1]
-REMOTE_NEEDS = ["livekit-agents", "numpy", "soxr", "soundfile", "pydantic", "aiohttp"]
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+# what `pip install "chroma-agent[livekit]"` asks for
+REMOTE_NEEDS = [Requirement(r).name for r in PYPROJECT["dependencies"] + PYPROJECT["optional-dependencies"]["livekit"]]
 KEY = "torch-free-key-0123456789"
 GOLDEN_FRAMES = 8
 
@@ -95,6 +103,7 @@ def test_remote_mode_imports_and_converses_without_torch(torch_free_python, make
         server.stop()
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["start_help"] == 0
     assert result["has_torch"] is False and result["torch_loaded"] is False
     from chroma_agent import __version__
 
@@ -107,5 +116,5 @@ def test_remote_mode_imports_and_converses_without_torch(torch_free_python, make
 def test_the_closure_is_computed_from_metadata_not_guessed():
     # guards the fixture: a package remote mode imports is really in the set it installs
     needed = closure(REMOTE_NEEDS)
-    assert {"livekit-agents", "livekit", "aiohttp", "numpy", "pydantic", "soxr"} <= set(needed)
+    assert {"livekit-agents", "livekit", "livekit-plugins-silero", "aiohttp", "numpy", "pydantic", "soxr"} <= set(needed)
     assert metadata.distribution("torch")  # installed here, left out there: the venv is really without it
