@@ -43,11 +43,15 @@ async def reply(conv, frames: int) -> ResponseDone:
 
 def bench_first_audio(engine, voice, user, repeats: int, frames: int) -> dict:
     ratios, ttfa, total = [], [], []
+    async def run():
+        conv = await engine.open_conversation(voice, "You are a helpful voice assistant.")
+        await conv.add_user_audio(*user)
+        done = await reply(conv, frames)
+        await conv.close()
+        return done
+
     for _ in range(repeats):
-        conv = engine.open_conversation(voice, "You are a helpful voice assistant.")
-        conv.add_user_audio(*user)
-        done = asyncio.run(reply(conv, frames))
-        conv.close()
+        done = asyncio.run(run())
         ttfa.append(done.timings.time_to_first_audio_ms)
         total.append(done.timings.total_ms)
         ratios.append(done.timings.time_to_first_audio_ms / done.timings.total_ms)
@@ -57,18 +61,23 @@ def bench_first_audio(engine, voice, user, repeats: int, frames: int) -> dict:
 
 def bench_prefill(engine, voice, user, turns: int, repeats: int) -> dict:
     async def run():
-        conv = engine.open_conversation(voice, "You are a helpful voice assistant.")
+        conv = await engine.open_conversation(voice, "You are a helpful voice assistant.")
         for _ in range(turns):
-            conv.add_user_audio(*user)
+            await conv.add_user_audio(*user)
             await reply(conv, 8)
-        conv.add_user_audio(*user)
-        fresh = engine.open_conversation(voice)
-        fresh.turns = copy.deepcopy(conv.turns)
-        fresh.cached = 0
+        await conv.add_user_audio(*user)
+        fresh = await engine.open_conversation(voice)
+
+        def same_turns_uncached():  # on the engine thread, which owns the contexts
+            target = engine._sessions[fresh.id].context
+            target.turns = copy.deepcopy(engine._sessions[conv.id].context.turns)
+            target.cached = 0
+
+        await engine.post(None, None, lambda *_: same_turns_uncached())
         reused = await reply(conv, 2)
         full = await reply(fresh, 2)
-        conv.close()
-        fresh.close()
+        await conv.close()
+        await fresh.close()
         return reused, full
 
     pairs = [asyncio.run(run()) for _ in range(repeats)]
@@ -84,14 +93,14 @@ def bench_prefill(engine, voice, user, turns: int, repeats: int) -> dict:
 
 def bench_sessions(engine, voice, n: int, frames: int) -> dict:
     async def run():
-        convs = [engine.open_conversation(voice, "Be brief.") for _ in range(n)]
+        convs = [await engine.open_conversation(voice, "Be brief.") for _ in range(n)]
         for i, conv in enumerate(convs):
-            conv.add_user_text(f"Question number {i}: what should I wear today?")
+            await conv.add_user_text(f"Question number {i}: what should I wear today?")
         t0 = time.perf_counter()
         dones = await asyncio.gather(*(reply(c, frames) for c in convs))
         wall = time.perf_counter() - t0
         for conv in convs:
-            conv.close()
+            await conv.close()
         return dones, wall
 
     steps0 = engine.stats["steps"]
@@ -128,10 +137,13 @@ def main() -> None:
     print(f"# chroma-agent engine benchmark, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}; tiny reference checkpoint, CPU fp32\n")
     try:
-        warm = engine.open_conversation(voice)
-        warm.add_user_text("warm up")
-        asyncio.run(reply(warm, 4))
-        warm.close()
+        async def warm_up():
+            warm = await engine.open_conversation(voice)
+            await warm.add_user_text("warm up")
+            await reply(warm, 4)
+            await warm.close()
+
+        asyncio.run(warm_up())
         a = bench_first_audio(engine, voice, user, args.repeats, 32)
         print("## (a) time to first audio vs the whole reply (32 frames)\n")
         print("| time to first audio (ms) | whole reply (ms) | ratio |\n| --- | --- | --- |")

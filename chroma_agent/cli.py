@@ -159,7 +159,8 @@ def run_generate(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     first_frame_s: float | None = None
     done: ReplyDone | None = None
-    for event in generate_reply(model, prompt, prefix, max_frames=max_frames, sampling=sampling):
+    for event in generate_reply(model, prompt, prefix, max_frames=max_frames, sampling=sampling,
+                                step_mode=settings.engine_step_mode):
         if isinstance(event, AudioFrame):
             frame = event.codes.clamp(0, top).to(model.device).reshape(1, -1, 1)
             chunks.append(mimi.decode(frame)[0].float().cpu().numpy())

@@ -72,6 +72,10 @@ SOURCES: dict[str, Source] = {
     "device": Source("--device", ("CHROMA_DEVICE",), "auto (CUDA when torch sees a GPU), cpu, cuda, cuda:N, mps"),
     "dtype": Source("--dtype", ("CHROMA_DTYPE",), "auto (bfloat16 on CUDA, else float32), float32, bfloat16, "
                     "float16"),
+    "step_mode": Source("--step-mode", ("CHROMA_STEP_MODE",),
+                        "how the per-frame step runs: auto (CUDA graphs on a GPU, else eager), eager, compile "
+                        "(inductor; the fast CPU path, about a minute of compiling at first use), cuda_graph, "
+                        "compile+cuda_graph"),
     "voice": Source("--voice", ("CHROMA_VOICE",),
                     "default voice: a stored voice's name (with --voice-audio: the name to store the clone "
                     "under)"),
@@ -188,6 +192,7 @@ class ModelSettings(Settings):
     model: str = DEFAULT_MODEL
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    step_mode: Literal["auto", "eager", "compile", "cuda_graph", "compile+cuda_graph"] = "auto"
 
     @field_validator("model")
     @classmethod
@@ -216,6 +221,11 @@ class ModelSettings(Settings):
     @property
     def is_tiny(self) -> bool:
         return self.model == TINY
+
+    @property
+    def engine_step_mode(self) -> str | None:
+        """The step mode for the engine (None: its default for the device)."""
+        return None if self.step_mode == "auto" else self.step_mode
 
     def checkpoint(self) -> str:
         """The folder or repo id to load: `tiny` is built into the cache the first time."""
@@ -349,7 +359,7 @@ class EngineSettings(ModelSettings, VoiceSettings, SessionSettings):
     def engine_config(self, **overrides: Any) -> EngineConfig:
         from chroma_agent.engine.engine import EngineConfig
 
-        settings: dict[str, Any] = {"max_sessions": self.max_sessions}
+        settings: dict[str, Any] = {"max_sessions": self.max_sessions, "step_mode": self.engine_step_mode}
         if self.is_tiny:
             settings["max_reply_s"] = TINY_MAX_REPLY_S
         return EngineConfig(**{**settings, **overrides})

@@ -152,5 +152,5 @@ def test_generate_clones_a_voice_stores_it_by_name_and_reuses_it(tmp_path, tiny_
 
 
 def test_generate_settings_are_the_shared_ones():
-    assert set(GenerateSettings.model_fields) == {"model", "device", "dtype", "voice", "voice_audio", "voice_text",
-                                                  "voices_dir"}
+    assert set(GenerateSettings.model_fields) == {"model", "device", "dtype", "step_mode", "voice", "voice_audio",
+                                                  "voice_text", "voices_dir"}

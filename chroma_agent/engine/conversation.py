@@ -153,34 +153,37 @@ class Response:
     async def _aiter(self) -> AsyncIterator[ResponseEvent]:
         await self.started  # raises ConversationError if the reply could not start
         try:
-            while True:
+            done = False
+            while not done:
                 if not self._buffer:
                     self._buffer = await self._queue.get()
-                event = self._buffer.pop(0)
-                done = self._consumed(event)
+                event, done = self._pop()
                 yield event
-                if done:
-                    return
         finally:
-            if not self.finished:
-                self.cancel()
+            self._left()
 
     def __iter__(self) -> Iterator[ResponseEvent]:
         if self._loop is not None:
             raise RuntimeError("this response was created inside an event loop: iterate it with `async for`")
         self.started.result()
         try:
-            while True:
+            done = False
+            while not done:
                 if not self._buffer:
                     self._buffer = self._queue.get()
-                event = self._buffer.pop(0)
-                done = self._consumed(event)
+                event, done = self._pop()
                 yield event
-                if done:
-                    return
         finally:
-            if not self.finished:
-                self.cancel()
+            self._left()
+
+    def _pop(self) -> tuple[ResponseEvent, bool]:
+        """The next buffered event, and whether it is the last one."""
+        event = self._buffer.pop(0)
+        return event, self._consumed(event)
+
+    def _left(self) -> None:
+        if not self.finished:  # the consumer stopped reading early: nobody listens to the rest
+            self.cancel()
 
 
 class Conversation:

@@ -91,12 +91,6 @@ class DecodeBatch:
                                   device=device)
         self._views: dict[int, BatchView] = {}
 
-    # --- layout of one result row ---------------------------------------------------------------------
-
-    @property
-    def col_token(self) -> int:
-        return self.model.config.num_codebooks
-
     def view(self, n: int) -> BatchView:
         """Rows 0..n-1 as a batch of its own (a bucket); views share storage, so addresses never change."""
         if n not in self._views:
