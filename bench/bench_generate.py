@@ -530,12 +530,11 @@ def fill_random(model: ChromaModel, std: float = 0.02, chunk: int = 1 << 24, see
 
 
 def bench_full(config_path: Path, frames: int, threads: int) -> dict:
-    from chroma_agent.model.loading import build_empty
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     config = ChromaConfig.from_json_file(config_path)
-    model = build_empty(config, device="cpu", dtype=torch.bfloat16, with_vision=False)
+    model = ChromaModel.empty(config, device="cpu", dtype=torch.bfloat16, with_vision=False)
     fill_random(model)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())

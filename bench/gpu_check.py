@@ -71,11 +71,11 @@ def fixture_dir() -> Path:
 def build_model(config_path: Path, device: str, dtype_name: str = "bfloat16"):
     import torch
 
+    from chroma_agent.model.chroma import ChromaModel
     from chroma_agent.model.config import ChromaConfig
-    from chroma_agent.model.loading import build_empty
 
     config = ChromaConfig.from_json_file(config_path)
-    model = build_empty(config, device=torch.device(device), dtype=getattr(torch, dtype_name), with_vision=False)
+    model = ChromaModel.empty(config, device=torch.device(device), dtype=getattr(torch, dtype_name), with_vision=False)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, tensor in model.state_dict(keep_vars=True).items():

@@ -49,10 +49,12 @@ __all__ = [
     "AudioError",
     "AudioInfo",
     "AudioSource",
+    "StreamResampler",
     "decode_audio",
     "encode_wav",
     "load_audio",
     "pcm16_to_float",
+    "pcm16_to_mono",
     "probe_audio",
     "resample",
     "to_pcm16",
@@ -465,6 +467,51 @@ def resample(x: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
                            target_rate)
 
 
+class StreamResampler:
+    """One mono stream resampled chunk by chunk to ``target_rate`` (what every front end's live audio goes
+    through: microphone frames, realtime appends, LiveKit frames).
+
+    soxr's stream resampler carries the filter's state from one chunk to the next, so the chunks' outputs
+    joined (with :meth:`flush`'s tail) are the samples :func:`resample` gives for the whole stream at once.
+    Resampling each chunk on its own instead clicks at every boundary and rounds every chunk's length up,
+    which drifts a clock counted in output samples. The output lags the input by the filter's delay (about
+    10 ms at HQ). Cost: about 12 us of CPU per 20 ms chunk (48 -> 16 kHz), cheaper than a hop to a thread.
+
+    A chunk at another rate ends the stream so far (its tail comes first in that call's output) and starts a
+    new one.
+    """
+
+    def __init__(self, target_rate: int, *, quality: str = "HQ") -> None:
+        self.target_rate = _check_rate(target_rate)
+        self._quality = quality
+        self._rate: int | None = None
+        self._stream: soxr.ResampleStream | None = None
+
+    @property
+    def source_rate(self) -> int | None:
+        """The rate of the stream now being resampled (None before the first chunk, or after a flush)."""
+        return self._rate
+
+    def push(self, x: np.ndarray, rate: int) -> np.ndarray:
+        """Resampled samples of ``x`` (mono float32 at ``rate``) that are ready; the rest follow later."""
+        x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+        head = self.flush() if rate != self._rate and self._rate is not None else None
+        if self._rate is None:
+            self._rate = _check_rate(rate)
+            if self._rate != self.target_rate:
+                self._stream = soxr.ResampleStream(self._rate, self.target_rate, 1, dtype="float32",
+                                                   quality=self._quality)
+        out = x if self._stream is None else self._stream.resample_chunk(x)
+        return out if head is None or not head.size else np.concatenate([head, out])
+
+    def flush(self) -> np.ndarray:
+        """The samples still held in the filter; the next chunk starts a new stream."""
+        stream, self._stream, self._rate = self._stream, None, None
+        if stream is None:
+            return np.zeros(0, dtype=np.float32)
+        return stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+
+
 def load_audio(
     source: AudioSource,
     target_rate: int,
@@ -511,6 +558,16 @@ def pcm16_to_float(b: bytes) -> np.ndarray:
     if len(b) % 2:
         raise AudioError(f"16-bit PCM needs an even number of bytes, got {len(b)}")
     return np.frombuffer(b, dtype="<i2").astype(np.float32) / np.float32(32768.0)
+
+
+def pcm16_to_mono(b: bytes, channels: int = 1) -> np.ndarray:
+    """Interleaved 16-bit PCM to mono float32: the channel mean (as :func:`load_audio` downmixes)."""
+    x = pcm16_to_float(b)
+    if channels <= 1:
+        return x
+    if x.size % channels:
+        raise AudioError(f"{x.size} samples do not split into {channels} channels")
+    return x.reshape(-1, channels).mean(axis=1, dtype=np.float32)
 
 
 def encode_wav(x: np.ndarray, rate: int) -> bytes:

@@ -195,26 +195,16 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 
-def _synthetic_clip(seconds: float, rate: int, pitch: float, seed: int) -> np.ndarray:
-    """A voiced-sounding test signal: harmonics with vibrato and syllable-like bursts."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = pitch * (1 + 0.05 * np.sin(2 * np.pi * 5 * t))
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 6))
-    syllables = 0.5 * (1 + np.sin(2 * np.pi * 3.5 * t)) ** 2
-    x = 0.2 * voice * syllables + 0.003 * rng.standard_normal(t.shape)
-    return x.astype(np.float32)
-
-
 def run_demo(args: argparse.Namespace) -> int:
     import soundfile as sf
+
+    from chroma_agent.model.tiny import synthetic_speech
 
     settings = DemoSettings.from_args(args)
     model = settings.checkpoint()
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    sf.write(str(args.out_dir / "voice.wav"), _synthetic_clip(3.0, 24000, 180.0, 1), 24000, subtype="PCM_16")
-    sf.write(str(args.out_dir / "question.wav"), _synthetic_clip(2.0, 16000, 120.0, 2), 16000, subtype="PCM_16")
+    sf.write(str(args.out_dir / "voice.wav"), synthetic_speech(3.0, 24000, 180.0, 1), 24000, subtype="PCM_16")
+    sf.write(str(args.out_dir / "question.wav"), synthetic_speech(2.0, 16000, 120.0, 2), 16000, subtype="PCM_16")
     conversation = [
         {"role": "system", "content": "You are Chroma, a helpful voice assistant."},
         {"role": "user", "content": [{"type": "audio", "audio": "question.wav"}]},

@@ -40,6 +40,8 @@ DEFAULT_VOICES_DIR = CACHE_DIR / "voices"
 TINY_DIR = CACHE_DIR / "tiny"
 #: Random weights almost never end a reply by themselves: cap the tiny model's replies.
 TINY_MAX_REPLY_S = 5.0
+#: What the tiny model's synthetic voice clip "says" (it is a test signal: any transcript clones it).
+TINY_VOICE_TEXT = "Hello, this is the voice to clone."
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -372,6 +374,30 @@ class EngineSettings(ModelSettings, VoiceSettings, SessionSettings):
             settings["max_reply_s"] = TINY_MAX_REPLY_S
         return EngineConfig(**{**settings, **overrides})
 
+    def speaking_voice(self, engine: Engine) -> VoiceProfile:
+        """The voice of a command that cannot run without one (the worker, the playground): the default voice
+        (:meth:`default_voice`), else the only voice stored (when it suits this model), else for the tiny model
+        a synthetic clip. Else a :class:`SettingsError` naming the settings. (The server has no such fallback: it
+        starts without a voice and says which field or flag gives one.)"""
+        profile = engine.default_voice or self.default_voice(engine)
+        if profile is not None:
+            return profile
+        names = engine.voices.names()
+        if len(names) == 1:
+            only = engine.voices.get(names[0])
+            if only.is_compatible(engine.model.config):
+                log.info("default voice: %s (the only stored voice)", names[0])
+                return only
+        if self.is_tiny:
+            from chroma_agent.model.tiny import synthetic_speech
+
+            rate = engine.model.config.sample_rate
+            clip = synthetic_speech(3.0, rate, 180.0, 1)
+            return engine.create_voice(clip, TINY_VOICE_TEXT, name="tiny-demo", sample_rate=rate).result()
+        raise SettingsError("no default voice: set CHROMA_VOICE to a stored voice"
+                            + (f" ({', '.join(names)})" if names else f" (none in {engine.voices.folder})")
+                            + " or CHROMA_VOICE_AUDIO + CHROMA_VOICE_TEXT to clone one")
+
     def load_engine(self, checkpoint: str | Path | None = None) -> Engine:
         """The engine for these settings (or on `checkpoint` instead of ``--model``'s), with its default voice
         set. Blocking: it loads the model."""
@@ -473,7 +499,7 @@ def ensure_tiny_checkpoint(folder: str | Path = TINY_DIR) -> Path:
 # --- argparse and the docs -------------------------------------------------------------------------------------
 
 
-def _default_cell(cls: type[Settings], name: str) -> str:
+def default_cell(cls: type[Settings], name: str) -> str:
     default = cls.model_fields[name].default
     return SOURCES[name].unset if default in (None, "") else f"`{default}`"
 
@@ -490,36 +516,4 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Settings], names: Itera
         if cls.model_fields[name].annotation is bool:  # a switch: present means true (else the variable says)
             kwargs = {"action": "store_const", "const": True}
         parser.add_argument(source.flag, dest=name, default=None, **kwargs,
-                            help=f"{source.help} [{env}; default: {_default_cell(cls, name).strip('`')}{note}]")
-
-
-def command_settings() -> dict[str, type[Settings]]:
-    """Each command (as the docs name it) and its settings class."""
-    from chroma_agent.worker_config import WorkerConfig
-
-    classes: list[type[Settings]] = [GenerateSettings, DemoSettings, ServeSettings, PlaygroundSettings,
-                                     WorkerConfig]
-    return {cls.command: cls for cls in classes}
-
-
-def markdown_table() -> str:
-    """The configuration table of the README, from the settings classes themselves."""
-    commands = command_settings()
-    rows = ["| flag | environment | meaning | default | commands |", "| --- | --- | --- | --- | --- |"]
-    for name, source in SOURCES.items():
-        takers = [command for command, cls in commands.items() if name in cls.model_fields]
-        if not takers:
-            continue
-        by_default: dict[str, list[str]] = {}
-        for command in takers:
-            by_default.setdefault(_default_cell(commands[command], name), []).append(command)
-        first, *others = by_default
-        default = first + "".join(f" (`{'`, `'.join(by_default[cell])}`: {cell})" for cell in others)
-        env = ", ".join(f"`{var}`" for var in source.env)
-        meaning = source.help + (f" ({source.note})" if source.note else "")
-        rows.append(f"| `{source.flag}` | {env} | {meaning} | {default} | {', '.join(f'`{c}`' for c in takers)} |")
-    return "\n".join(rows) + "\n"
-
-
-if __name__ == "__main__":  # python -m chroma_agent.config: print the README's configuration table
-    print(markdown_table(), end="")
+                            help=f"{source.help} [{env}; default: {default_cell(cls, name).strip('`')}{note}]")

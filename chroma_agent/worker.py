@@ -79,19 +79,8 @@ def load_worker_engine(config: WorkerConfig) -> Engine:
                                 voices_dir=config.voices_dir, max_sessions=config.max_sessions,
                                 max_reply_s=min(config.max_reply_seconds, TINY_MAX_REPLY_S) if config.is_tiny
                                 else config.max_reply_seconds)
-    if engine.default_voice is not None:
-        return engine
-    engine.default_voice = config.default_voice(engine)
     if engine.default_voice is None:
-        names = engine.voices.names()
-        if len(names) != 1:
-            raise ConfigError(
-                "no default voice: set CHROMA_VOICE to a stored voice"
-                + (f" ({', '.join(names)})" if names else f" (none in {engine.voices.folder})")
-                + " or CHROMA_VOICE_AUDIO + CHROMA_VOICE_TEXT to clone one"
-            )
-        engine.default_voice = engine.voices.get(names[0])
-        log.info("default voice: %s (the only stored voice)", names[0])
+        engine.default_voice = config.speaking_voice(engine)
     return engine
 
 

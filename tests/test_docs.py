@@ -39,7 +39,7 @@ import httpx
 import pytest
 import soundfile as sf
 
-from chroma_agent.config import markdown_table
+from chroma_agent.config_table import markdown_table
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "examples").rglob("README.md"))]
@@ -101,7 +101,7 @@ def test_the_readme_configuration_table_is_the_parsers():
     assert TABLE_START in readme and TABLE_END in readme
     table = readme.split(TABLE_START, 1)[1].split(TABLE_END, 1)[0].strip() + "\n"
     assert table == markdown_table(), "README's configuration table is stale: regenerate it with " \
-                                      "`.venv/bin/python -m chroma_agent.config`"
+                                      "`.venv/bin/python -m chroma_agent.config_table`"
 
 
 @pytest.mark.parametrize(("command", "flag", "env", "default"), [

@@ -24,14 +24,8 @@ from livekit.agents import AgentSession, APIConnectionError, APIStatusError, llm
 from livekit.agents.metrics import RealtimeModelMetrics
 from livekit.plugins import chroma
 from livekit.plugins.chroma.realtime.backend import SamplingOverrides, VoiceSpec
-from livekit.plugins.chroma.realtime.realtime_model import MAX_AHEAD_FRAMES
-from livekit.plugins.chroma.realtime.remote import (
-    INBOX_EVENTS,
-    RemoteBackend,
-    RemoteConversation,
-    ServerBusyError,
-    realtime_url,
-)
+from livekit.plugins.chroma.realtime.remote import RemoteBackend, RemoteConversation, ServerBusyError
+from livekit.plugins.chroma.realtime.session import MAX_AHEAD_FRAMES
 from test_livekit_plugin import (  # one definition of the room-less I/O
     GOLDEN_FRAMES,
     GOLDEN_SECONDS,
@@ -48,6 +42,7 @@ from test_livekit_plugin import (  # one definition of the room-less I/O
 from chroma_agent.audio import load_audio, pcm16_to_float, resample, to_pcm16
 from chroma_agent.engine.events import AudioChunk, ResponseDone, TextDelta
 from chroma_agent.engine.sampling import SamplingParams
+from chroma_agent.realtime_client import INBOX_EVENTS, realtime_url
 from chroma_agent.server.app import create_app
 from chroma_agent.server.runner import ServerThread
 from chroma_agent.server.settings import ServerSettings

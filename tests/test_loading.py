@@ -27,7 +27,6 @@ from chroma_agent.model.loading import (
     CheckpointError,
     _mimi_is_nested,
     checkpoint_state_dict,
-    load_model,
     resolve_checkpoint,
 )
 from chroma_agent.model.tiny import build_tiny_checkpoint, tiny_config_dict
@@ -42,7 +41,7 @@ CODEC_KEY = "codec_model.decoder.layers.0.conv.weight"
 
 
 def _load(folder: Path | str, **kwargs) -> ChromaModel:
-    return load_model(folder, progress=False, **kwargs)
+    return ChromaModel.from_pretrained(folder, progress=False, **kwargs)
 
 
 def _write_checkpoint(folder: Path, config: dict | Path, tensors: dict[str, torch.Tensor] | None) -> Path:

@@ -18,18 +18,11 @@ from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 from chroma_agent.audio import resample, to_pcm16
 from chroma_agent.cli import build_parser, main
 from chroma_agent.config import PlaygroundSettings
+from chroma_agent.frames import OUTPUT_RATE as REPLY_RATE
+from chroma_agent.vad import VAD_RATE, WINDOW, SileroVad, SpeechStarted, TurnDetector, TurnEnded
 from chroma_agent.webrtc.playground import TINY_MAX_REPLY_S, create_app, open_engine, reach_hint
-from chroma_agent.webrtc.session import (
-    REPLY_RATE,
-    VAD_RATE,
-    ReplyTrack,
-    SpeechStarted,
-    TurnDetector,
-    TurnEnded,
-    silero_vad,
-)
+from chroma_agent.webrtc.session import ReplyTrack
 
-WINDOW = TurnDetector.WINDOW
 MIC_RATE = 48_000
 
 
@@ -83,7 +76,7 @@ def test_silero_finds_the_turn_in_real_speech(golden_dir):
     speech, rate = sf.read(str(golden_dir / "user1.wav"), dtype="float32")
     assert rate == VAD_RATE
     audio = np.concatenate([silence(0.5), speech, silence(1.0)])
-    events = feed(TurnDetector(silero_vad()), audio)
+    events = feed(TurnDetector(SileroVad()), audio)
     assert [type(e) for _, e in events] == [SpeechStarted, TurnEnded]
     assert len(speech) < len(events[1][1].audio) < len(speech) + VAD_RATE
 

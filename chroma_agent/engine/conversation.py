@@ -26,7 +26,7 @@ import numpy as np
 
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, ResponseEvent
 from chroma_agent.engine.sampling import SamplingParams
-from chroma_agent.voices import VoiceProfile
+from chroma_agent.voices.profile import VoiceProfile
 
 if TYPE_CHECKING:
     from chroma_agent.engine.engine import Engine

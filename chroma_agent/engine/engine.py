@@ -51,7 +51,9 @@ from chroma_agent.model.chroma import ChromaModel
 from chroma_agent.model.kv_cache import KVCache
 from chroma_agent.model.loading import resolve_checkpoint
 from chroma_agent.model.processor import ChromaProcessor
-from chroma_agent.voices import VoiceProfile, VoiceStore, finish_voice_profile, prepare_voice_clip
+from chroma_agent.voices.clone import finish_voice_profile, prepare_voice_clip
+from chroma_agent.voices.profile import VoiceProfile
+from chroma_agent.voices.store import VoiceStore
 
 log = logging.getLogger(__name__)
 

@@ -43,6 +43,20 @@ class Usage:
     audio_frames: int
     audio_prompt_tokens: int = 0  # audio placeholders (encoded audio) in the whole context read
 
+    # What every API reports (chat completions, realtime, LiveKit metrics): input is the whole context the
+    # thinker read (cached or not), output is the text tokens plus the audio frames.
+    @property
+    def input_tokens(self) -> int:
+        return self.prompt_tokens + self.cached_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self.text_tokens + self.audio_frames
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
 
 @dataclass(frozen=True)
 class Timings:
@@ -65,6 +79,11 @@ class ResponseDone:
     timings: Timings
     frame_steps: list[int] = field(default_factory=list, repr=False)
     turn: TurnRef | None = None  # the assistant turn this reply became (to remove it later)
+
+    @property
+    def cut_short(self) -> bool:
+        """The reply hit its length limit (frames, or tokens for a text reply) before it ended by itself."""
+        return self.reason in ("max_frames", "max_tokens")
 
 
 @dataclass(frozen=True)

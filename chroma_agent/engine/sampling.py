@@ -10,47 +10,13 @@ runs and independent of which other rows share its batch, without a `torch.Gener
 
 from __future__ import annotations
 
-import math
-import secrets
-from dataclasses import dataclass
-
 import torch
 
-MAX_TEMPERATURE = 2.0  # the OpenAI range; beyond it the distribution is noise for any model
+from chroma_agent.engine.params import MAX_TEMPERATURE, SamplingParams
+
+__all__ = ["MAX_TEMPERATURE", "SamplingParams", "SamplingRows", "race_noise", "sample"]
+
 _MASK32 = 0xFFFFFFFF
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """`temperature` below 1e-3 means greedy (argmax). `top_k=0` and `top_p=1` switch those filters off.
-
-    `seed=None` draws a fresh seed per reply; any other value makes the reply's audio reproducible.
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
-                and 0 <= self.temperature <= MAX_TEMPERATURE):
-            raise ValueError(f"temperature must be a number in [0, {MAX_TEMPERATURE:g}], got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-        if not (isinstance(self.top_p, int | float) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        # Dividing logits by a vanishing temperature overflows to inf/NaN; at that point sampling is argmax.
-        return self.temperature < 1e-3
-
-    def row_seed(self) -> int:
-        """The 62-bit seed a reply's row samples with."""
-        return (self.seed if self.seed is not None else secrets.randbits(62)) & ((1 << 62) - 1)
 
 
 class SamplingRows:

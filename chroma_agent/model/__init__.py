@@ -1,0 +1,28 @@
+"""Chroma 1.0 itself: configuration, modules, KV cache, checkpoint I/O and the processor (conversation -> tensors).
+
+This package imports nothing of chroma-agent's beyond its own modules and the shared audio helpers; the loops
+that drive the model live in :mod:`chroma_agent.engine`. Names are imported lazily, on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from chroma_agent.lazy import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(("ChromaConfig", "ConfigError"), "chroma_agent.model.config"),
+    "ChromaModel": "chroma_agent.model.chroma",
+    "ChromaProcessor": "chroma_agent.model.processor",
+    "KVCache": "chroma_agent.model.kv_cache",
+    "CheckpointError": "chroma_agent.model.loading",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time the names resolve lazily (above)
+    from chroma_agent.model.chroma import ChromaModel  # noqa: F401
+    from chroma_agent.model.config import ChromaConfig, ConfigError  # noqa: F401
+    from chroma_agent.model.kv_cache import KVCache  # noqa: F401
+    from chroma_agent.model.loading import CheckpointError  # noqa: F401
+    from chroma_agent.model.processor import ChromaProcessor  # noqa: F401

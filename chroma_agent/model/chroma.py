@@ -7,13 +7,16 @@ methods here are the per-step building blocks; the loops that drive them live in
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import MimiModel
+from transformers.initialization import no_init_weights
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
     Qwen2_5OmniAudioEncoder,
     Qwen2_5OmniVisionEncoder,
@@ -21,7 +24,17 @@ from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
 
 from chroma_agent.model.config import ChromaConfig
 from chroma_agent.model.kv_cache import KVCache
+from chroma_agent.model.loading import (
+    CheckpointError,
+    iter_tensors,
+    load_weights,
+    parse_dtype,
+    resolve_checkpoint,
+    weight_files,
+)
 from chroma_agent.model.transformer import MLP, Attention, Transformer
+
+log = logging.getLogger(__name__)
 
 # Picks one code per row from one codebook's logits: (logits [B, vocab] float32, codebook index) -> [B].
 Sampler = Callable[[torch.Tensor, int], torch.Tensor]
@@ -136,11 +149,29 @@ class ChromaModel(nn.Module):
         revision: str | None = None,
         progress: bool = True,
     ) -> ChromaModel:
-        from chroma_agent.model.loading import load_model
+        """The model of a checkpoint folder or Hugging Face repo id, weights loaded, in eval mode."""
+        folder = resolve_checkpoint(name_or_path, revision=revision)
+        config = ChromaConfig.from_pretrained(folder)
+        dtype = parse_dtype(dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise CheckpointError("device 'cuda' requested but CUDA is not available in this torch build")
+        files = weight_files(folder)
+        model = cls.empty(config, device=device, dtype=dtype, with_vision=with_vision)
+        load_weights(model, iter_tensors(files, progress), source=str(folder))
+        model.eval()
+        log.info("loaded Chroma from %s (device=%s, dtype=%s)", folder, device, dtype)
+        return model
 
-        return load_model(
-            name_or_path, device=device, dtype=dtype, with_vision=with_vision, revision=revision, progress=progress
-        )
+    @classmethod
+    def empty(cls, config: ChromaConfig, *, device: torch.device | str, dtype: torch.dtype,
+              with_vision: bool = False) -> ChromaModel:
+        """Allocate the model on `device` without running any weight init (every tensor is then overwritten)."""
+        with torch.device(device), no_init_weights(), _default_dtype(dtype):
+            model = cls(config, with_vision=with_vision)
+        # Mimi is small and sensitive to rounding; it stays in float32 whatever the LM dtype.
+        model.codec_model.float()
+        return model
 
     def fuse_weights(self) -> ChromaModel:
         """Re-link fused projections (qkv, gate/up) after anything re-allocated the parameters (`.to()`)."""
@@ -261,3 +292,13 @@ def _at(hidden: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
         return hidden[:, -1]
     b, _, h = hidden.shape
     return hidden.gather(1, last.view(b, 1, 1).expand(b, 1, h))[:, 0]
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -1,21 +1,22 @@
-"""Checkpoint loading: a local folder or a Hugging Face repo id, single or sharded safetensors."""
+"""Checkpoint I/O: a local folder or a Hugging Face repo id, single or sharded safetensors, and the names its
+tensors have. Building the model is `ChromaModel.from_pretrained`'s job; this module only finds, reads and
+copies tensors (so it never imports the model's modules)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
-from transformers.initialization import no_init_weights
 
-from chroma_agent.model.chroma import ChromaModel
-from chroma_agent.model.config import ChromaConfig
+if TYPE_CHECKING:
+    from chroma_agent.model.chroma import ChromaModel
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def _iter_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
     handles = []
     total = 0
     for f in files:
@@ -146,48 +147,6 @@ def _iter_tensors(files: list[Path], progress: bool) -> Iterator[tuple[str, torc
             for key in names:
                 yield key, h.get_tensor(key)
                 bar.update(1)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def build_empty(config: ChromaConfig, *, device: torch.device, dtype: torch.dtype, with_vision: bool) -> ChromaModel:
-    """Allocate the model on `device` without running any weight init (every tensor is then overwritten)."""
-    with torch.device(device), no_init_weights(), _default_dtype(dtype):
-        model = ChromaModel(config, with_vision=with_vision)
-    # Mimi is small and sensitive to rounding; it stays in float32 whatever the LM dtype.
-    model.codec_model.float()
-    return model
-
-
-def load_model(
-    name_or_path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
-    with_vision: bool = False,
-    revision: str | None = None,
-    progress: bool = True,
-) -> ChromaModel:
-    folder = resolve_checkpoint(name_or_path, revision=revision)
-    config = ChromaConfig.from_pretrained(folder)
-    dtype = parse_dtype(dtype)
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("device 'cuda' requested but CUDA is not available in this torch build")
-    files = weight_files(folder)
-    model = build_empty(config, device=device, dtype=dtype, with_vision=with_vision)
-    load_weights(model, _iter_tensors(files, progress), source=str(folder))
-    model.eval()
-    log.info("loaded Chroma from %s (device=%s, dtype=%s)", folder, device, dtype)
-    return model
 
 
 def load_weights(model: ChromaModel, tensors: Iterator[tuple[str, torch.Tensor]], *, source: str) -> None:

@@ -21,14 +21,14 @@ from chroma_agent.config import (
     ensure_tiny_checkpoint,
 )
 from chroma_agent.engine.engine import Engine, EngineBusyError
+from chroma_agent.vad import silero_session
 from chroma_agent.voices import VoiceProfile
-from chroma_agent.webrtc.session import PeerSession
+from chroma_agent.webrtc.session import PeerSession, use_loopback_only
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).with_name("static")
 DEFAULT_INSTRUCTIONS = "You are Chroma, a helpful voice assistant."
-TINY_VOICE_TEXT = "Hello, this is the voice to clone."
 TINY_NOTICE = (
     f"This is the tiny model with random weights: it answers with loud noise (at most {TINY_MAX_REPLY_S:g} s). "
     "Turn your volume down. For speech, start the playground with real weights (see below)."
@@ -53,7 +53,12 @@ def create_app(
     instructions: str = DEFAULT_INSTRUCTIONS,
     notice: str | None = None,
 ) -> FastAPI:
-    """The playground app; the caller owns `engine` (the app closes its sessions, not the engine)."""
+    """The playground app; the caller owns `engine` (the app closes its sessions, not the engine).
+
+    Starting a playground keeps this process's WebRTC media on loopback and loads Silero (once per process)
+    here, before any page connects, rather than in the first offer's handler on the event loop."""
+    use_loopback_only()
+    silero_session()
     sessions: dict[str, PeerSession] = {}
 
     @asynccontextmanager
@@ -116,13 +121,7 @@ def open_engine(
     checkpoint = ensure_tiny_checkpoint(tiny_dir) if settings.is_tiny and tiny_dir is not None else None
     engine = settings.load_engine(checkpoint=checkpoint)
     try:
-        profile = engine.default_voice
-        if profile is None:  # the tiny model without a voice: a synthetic clip
-            from chroma_agent.cli import _synthetic_clip
-
-            rate = engine.model.config.sample_rate
-            clip = _synthetic_clip(3.0, rate, 180.0, 1)
-            profile = engine.create_voice(clip, TINY_VOICE_TEXT, name="tiny-demo", sample_rate=rate).result()
+        profile = settings.speaking_voice(engine)  # the tiny model without a voice: a synthetic clip
     except BaseException:
         engine.close()
         raise

@@ -1,6 +1,7 @@
 """One browser peer: microphone -> end of turn -> Conversation -> the agent's voice, state over a data channel.
 
-The browser's mic track is resampled to 16 kHz and cut into turns by Silero VAD. Each finished turn goes to
+The browser's mic track is resampled to 16 kHz and cut into turns by Silero VAD (`chroma_agent.vad`, in a
+worker thread). Each finished turn goes to
 the conversation and the reply streams back as an outbound audio track, paced in real time from a small
 buffer so the engine's lookahead (not this process) decides how far generation runs ahead. Speech while the
 agent thinks or speaks is a barge-in: the reply is cancelled, queued audio dropped and the conversation
@@ -14,12 +15,9 @@ import contextlib
 import fractions
 import json
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from functools import cache
 from typing import Any
 
 import aioice.ice
@@ -28,118 +26,30 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
-# Imported here, not lazily: livekit registers the plugin on import and refuses to unless on the main thread.
-from livekit.plugins.silero.onnx_model import OnnxModel, new_inference_session
-
-from chroma_agent.audio import pcm16_to_float, to_pcm16
+from chroma_agent.audio import pcm16_to_mono, to_pcm16
 from chroma_agent.engine.conversation import Conversation
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, TextDelta
+from chroma_agent.frames import OUTPUT_RATE
+from chroma_agent.vad import VAD_RATE, SileroVad, SpeechStarted, TurnDetector, VadEvent
 
 log = logging.getLogger(__name__)
 
-VAD_RATE = 16_000  # Silero's rate, and the thinker's: a turn is handed over without another resample
-REPLY_RATE = 24_000  # Mimi's rate; aiortc's Opus encoder resamples to 48 kHz itself
-FRAME_S = 0.020  # one Opus packet per outbound frame
+PACKET_S = 0.020  # one Opus packet per outbound frame; aiortc's Opus encoder resamples to 48 kHz itself
 
 
 def _loopback_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
     return ["127.0.0.1"] if use_ipv4 else []
 
 
-# aioice offers every interface except loopback and has no option to choose. The playground serves a browser
-# on the same machine, so its media stays on loopback: nothing is exposed on the network, and it works on a
-# machine with no network at all.
-aioice.ice.get_host_addresses = _loopback_addresses
+def use_loopback_only() -> None:
+    """Keep this process's WebRTC media on loopback (the playground's start calls it).
 
-
-# --- turn detection -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SpeechStarted:
-    """The user has been speaking for `min_speech_ms`: enough to interrupt the agent."""
-
-
-@dataclass(frozen=True)
-class TurnEnded:
-    audio: np.ndarray  # the turn at 16 kHz, from a little before the speech started to the end of the pause
-
-
-VadEvent = SpeechStarted | TurnEnded
-
-
-@cache
-def _silero_session() -> Any:
-    return new_inference_session(force_cpu=True)
-
-
-def silero_vad() -> Callable[[np.ndarray], float]:
-    """A fresh Silero model (its recurrent state is per stream) over the process's one ONNX session."""
-    return OnnxModel(onnx_session=_silero_session(), sample_rate=VAD_RATE)
-
-
-class TurnDetector:
-    """Speech probabilities on 32 ms windows -> speech start and end of turn.
-
-    `speech_prob` takes one window of 512 samples at 16 kHz and returns P(speech), like Silero's ONNX model.
+    aioice offers every interface except loopback and has no option to choose. The playground serves a
+    browser on the same machine, so its media stays on loopback: nothing is exposed on the network, and it
+    works on a machine with no network at all. aioice reads the function at call time, so this patch is
+    process-wide; it is applied when a playground starts, never on import.
     """
-
-    WINDOW = 512
-
-    def __init__(
-        self,
-        speech_prob: Callable[[np.ndarray], float],
-        *,
-        threshold: float = 0.5,
-        min_speech_ms: float = 200,
-        min_silence_ms: float = 500,
-        preroll_ms: float = 300,
-        max_turn_s: float = 30.0,
-    ):
-        window_ms = self.WINDOW * 1000 / VAD_RATE
-        self._prob = speech_prob
-        self._threshold = threshold
-        self._release = threshold - 0.15  # hysteresis, as Silero's own iterator does
-        self._min_speech = math.ceil(min_speech_ms / window_ms)
-        self._min_silence = math.ceil(min_silence_ms / window_ms)
-        self._preroll = math.ceil(preroll_ms / window_ms)
-        self._max_windows = math.ceil(max_turn_s * 1000 / window_ms)
-        self._pending = np.zeros(0, dtype=np.float32)
-        self._windows: list[np.ndarray] = []
-        self._speech_run = 0
-        self._silence_run = 0
-        self._in_speech = False
-
-    def push(self, pcm: np.ndarray) -> list[VadEvent]:
-        self._pending = np.concatenate([self._pending, pcm.astype(np.float32, copy=False)])
-        events = []
-        while len(self._pending) >= self.WINDOW:
-            window, self._pending = self._pending[: self.WINDOW], self._pending[self.WINDOW:]
-            event = self._step(window)
-            if event is not None:
-                events.append(event)
-        return events
-
-    def _step(self, window: np.ndarray) -> VadEvent | None:
-        p = self._prob(window)
-        self._windows.append(window)
-        if not self._in_speech:
-            self._speech_run = self._speech_run + 1 if p >= self._threshold else 0
-            # Before a turn starts only the pre-roll and the current run of speech can become part of it.
-            del self._windows[: max(0, len(self._windows) - self._preroll - self._speech_run)]
-            if self._speech_run < self._min_speech:
-                return None
-            self._in_speech = True
-            self._silence_run = 0
-            return SpeechStarted()
-        self._silence_run = self._silence_run + 1 if p < self._release else 0
-        if self._silence_run < self._min_silence and len(self._windows) < self._max_windows:
-            return None
-        audio = np.concatenate(self._windows)
-        self._windows = []
-        self._speech_run = 0
-        self._in_speech = False
-        return TurnEnded(audio)
+    aioice.ice.get_host_addresses = _loopback_addresses
 
 
 # --- the agent's voice --------------------------------------------------------------------------------------
@@ -162,8 +72,8 @@ class ReplyTrack(MediaStreamTrack):
         max_buffered_s: float = 1.0,
     ):
         super().__init__()
-        self._frame = round(REPLY_RATE * FRAME_S)
-        self._max_buffered = round(max_buffered_s * REPLY_RATE)
+        self._frame = round(OUTPUT_RATE * PACKET_S)
+        self._max_buffered = round(max_buffered_s * OUTPUT_RATE)
         self._chunks: deque[np.ndarray] = deque()
         self._buffered = 0
         self._space = asyncio.Event()
@@ -194,7 +104,7 @@ class ReplyTrack(MediaStreamTrack):
 
     def flush(self) -> float:
         """Drop the current reply's queued audio; returns how much of it was played out, in ms."""
-        heard_ms = self._played * 1000 / REPLY_RATE
+        heard_ms = self._played * 1000 / OUTPUT_RATE
         self._chunks.clear()
         self._buffered = 0
         self._reply = None
@@ -210,13 +120,13 @@ class ReplyTrack(MediaStreamTrack):
         if self._start is None:
             self._start = now
         else:
-            delay = self._start + self._pts / REPLY_RATE - now
+            delay = self._start + self._pts / OUTPUT_RATE - now
             if delay > 0:
                 await asyncio.sleep(delay)
         pcm = np.frombuffer(to_pcm16(self._take()), dtype="<i2")
         frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = REPLY_RATE
-        frame.time_base = fractions.Fraction(1, REPLY_RATE)
+        frame.sample_rate = OUTPUT_RATE
+        frame.time_base = fractions.Fraction(1, OUTPUT_RATE)
         frame.pts = self._pts
         self._pts += self._frame
         return frame
@@ -265,7 +175,7 @@ class PeerSession:
         self.state = "listening"
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self.track = ReplyTrack(on_playing=self._on_playing, on_drained=self._on_drained)
-        self._detector = detector or TurnDetector(silero_vad())
+        self._detector = detector or TurnDetector(SileroVad())
         self._notice = notice
         self._on_closed = on_closed
         self._channel: Any = None
@@ -325,23 +235,20 @@ class PeerSession:
     # --- microphone -> turns ------------------------------------------------------------------------------
 
     async def _read_mic(self, track: MediaStreamTrack) -> None:
-        # Streaming resampler: per-frame one-shot resampling would click at every 20 ms boundary.
-        resampler = av.AudioResampler(format="s16", layout="mono", rate=VAD_RATE)
         while True:
             try:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            # Resampling and Silero run in a worker thread: the loop only moves audio (one frame at a time, so
-            # the resampler and the detector keep their order).
-            for event in await asyncio.to_thread(self._mic_frame, resampler, frame):
+            # Resampling and Silero run in a worker thread: the loop only moves audio. One frame at a time, so
+            # the detector (and the resampler inside it) sees the stream in order.
+            for event in await asyncio.to_thread(self._detect, frame):
                 self._on_vad(event)
 
-    def _mic_frame(self, resampler: av.AudioResampler, frame) -> list[VadEvent]:
-        events: list[VadEvent] = []
-        for out in resampler.resample(frame):
-            events += self._detector.push(pcm16_to_float(out.to_ndarray().tobytes()))
-        return events
+    def _detect(self, frame: av.AudioFrame) -> list[VadEvent]:
+        # aiortc's audio decoders (Opus, G.711) all give packed 16-bit frames
+        pcm = pcm16_to_mono(frame.to_ndarray().tobytes(), len(frame.layout.channels))
+        return self._detector.push(pcm, frame.sample_rate)
 
     def _on_vad(self, event: VadEvent) -> None:
         if isinstance(event, SpeechStarted):

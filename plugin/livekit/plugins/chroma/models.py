@@ -14,6 +14,3 @@ ChromaDtypes = Literal["auto", "float32", "bfloat16", "float16"]
 """Weights' dtype for an in-process engine. ``auto``: bfloat16 on CUDA, float32 elsewhere."""
 
 DEFAULT_MODEL: ChromaModels = "FlashLabs/Chroma-4B"
-INPUT_SAMPLE_RATE = 16000  # what the thinker's audio encoder hears
-OUTPUT_SAMPLE_RATE = 24000  # what Mimi speaks
-FRAME_SAMPLES = 1920  # one 80 ms Mimi frame at 24 kHz

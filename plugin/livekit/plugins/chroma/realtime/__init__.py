@@ -8,7 +8,9 @@ from .backend import (
     load_engine,
     loaded_engines,
 )
-from .realtime_model import RealtimeModel, RealtimeOptions, RealtimeSession
+from .options import RealtimeOptions
+from .realtime_model import RealtimeModel
+from .session import RealtimeSession
 
 __all__ = [
     "Backend",

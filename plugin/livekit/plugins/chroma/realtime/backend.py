@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -28,16 +27,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 
 from chroma_agent.engine.events import ResponseEvent
+from chroma_agent.frames import INPUT_RATE, frames_for_seconds
 
 from ..log import logger
-from ..models import DEFAULT_MODEL, INPUT_SAMPLE_RATE
+from ..models import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from chroma_agent.engine.conversation import Conversation
     from chroma_agent.engine.engine import Engine
     from chroma_agent.voices import VoiceProfile
-
-FRAME_MS = 80.0
 
 Role = Literal["user", "assistant", "system"]
 
@@ -214,7 +212,7 @@ def close_engines() -> None:
 class InProcessBackend:
     """Chroma running in this process: a given `Engine`, or the shared one for (model, device, dtype)."""
 
-    input_sample_rate = INPUT_SAMPLE_RATE  # what the thinker's audio encoder hears
+    input_sample_rate = INPUT_RATE  # what the thinker's audio encoder hears
 
     def __init__(
         self,
@@ -348,7 +346,7 @@ class InProcessConversation:
     async def respond(
         self, *, instructions: str | None, max_seconds: float | None, sampling: SamplingOverrides
     ) -> AsyncIterator[ResponseEvent]:
-        max_frames = None if max_seconds is None else max(1, math.ceil(max_seconds * 1000 / FRAME_MS - 1e-9))
+        max_frames = None if max_seconds is None else frames_for_seconds(max_seconds)
         stream = self._conv.respond(instructions, max_frames=max_frames,
                                     sampling=self._backend.sampling_params(sampling))
         try:

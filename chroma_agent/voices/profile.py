@@ -1,4 +1,4 @@
-"""Cloned voices: made once from a reference clip and its transcript, then reused by name.
+"""The voice profile and its file format: what a cloned voice is, and how it is stored.
 
 Cloning needs the clip only to compute its Mimi codes, and the backbone's voice prefix needs only those codes and
 the transcript's token ids (see :meth:`ChromaModel.voice_prefix`). So a voice is stored as those two small tensors
@@ -11,17 +11,14 @@ Codes are only meaningful for the codec and tokenizer that made them, so each pr
 
 from __future__ import annotations
 
-import builtins
 import hashlib
 import json
 import logging
 import math
 import os
-import re
 import tempfile
-import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
@@ -32,102 +29,25 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from chroma_agent.audio import AudioSource
-from chroma_agent.model.chroma import ChromaModel
 from chroma_agent.model.config import ChromaConfig
-from chroma_agent.model.processor import ChromaProcessor
+from chroma_agent.voices.names import VoiceError, validate_voice_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "MAX_CLIP_SECONDS",
-    "MAX_TRANSCRIPT_CHARS",
-    "MIN_CLIP_SECONDS",
-    "UnknownVoiceError",
-    "VoiceError",
-    "VoiceProfile",
-    "VoiceStore",
-    "VoiceClip",
-    "create_voice_profile",
-    "finish_voice_profile",
-    "prepare_voice_clip",
-    "fingerprint",
-    "validate_voice_name",
-]
+__all__ = ["FORMAT", "FORMAT_VERSION", "SUFFIX", "VoiceProfile", "content_id", "fingerprint"]
 
-#: Shorter clips give the backbone too little of the voice to imitate.
-MIN_CLIP_SECONDS = 1.0
-#: Longer clips only lengthen every request's prefix; the reference uses short prompts.
-MAX_CLIP_SECONDS = 30.0
-#: Far more than 30 s of speech can hold; a longer "transcript" is a mistake and would bloat the prefix.
-MAX_TRANSCRIPT_CHARS = 2000
-#: A clip whose RMS or peak is below these is silence (or near-silent noise): nothing to clone.
-SILENCE_RMS = 1e-4
-SILENCE_PEAK = 1e-3
-
-MAX_NAME_CHARS = 64
 SUFFIX = ".safetensors"
 FORMAT = "chroma-agent-voice"
 FORMAT_VERSION = "1"
-ENV_DIR = "CHROMA_VOICES_DIR"
-DEFAULT_DIR = Path("~/.cache/chroma-agent/voices")
 
 # A voice file holds two small int64 tensors (a 30 s clip is 32 x 375 codes at most); anything much bigger is
 # not one of ours, and refusing it early avoids mapping a huge file.
 _MAX_FILE_BYTES = 16 * 1024 * 1024
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _META_FIELDS = ("name", "transcript", "duration_s", "created_at", "model_fingerprint")
 # codec_config keys that do not change which codes a clip gets (runtime dtype, bookkeeping).
 _FINGERPRINT_IGNORED = frozenset(
     {"dtype", "torch_dtype", "transformers_version", "_name_or_path", "use_cache"}
 )
-
-
-class VoiceError(ValueError):
-    """A voice cannot be made, stored or loaded; the message says why and is safe to show to the client."""
-
-
-class UnknownVoiceError(VoiceError, KeyError):
-    """No voice of that name: a ``KeyError`` too, so servers can answer 404 and dict-like callers can catch it."""
-
-    def __init__(self, name: str):
-        super().__init__(f"unknown voice {name!r}")
-        self.voice = name
-
-    def __str__(self) -> str:  # KeyError's __str__ would quote the whole message
-        return str(self.args[0])
-
-
-def validate_voice_name(name: str) -> str:
-    """The name unchanged if it is safe as a file name everywhere, else a :class:`VoiceError` naming the rule.
-
-    Names become file names, so the rules are strict and ASCII-only: look-alike letters (``café``,
-    Cyrillic ``а``) would let two voices appear to share a name, and separators or ``..`` could leave the folder.
-    """
-    if not isinstance(name, str):
-        raise VoiceError(f"voice name must be a string, got {type(name).__name__}")
-    if not name:
-        raise VoiceError("voice name is empty")
-    if "\x00" in name:
-        raise VoiceError("voice name contains a NUL character")
-    if "/" in name or "\\" in name:
-        raise VoiceError(f"voice name {name!r} contains a path separator ('/' or '\\')")
-    if not name.isascii():
-        raise VoiceError(
-            f"voice name {name!r} contains non-ASCII characters (use A-Z, a-z, 0-9, '_', '.', '-')"
-        )
-    if len(name) > MAX_NAME_CHARS:
-        raise VoiceError(f"voice name is {len(name)} characters long (at most {MAX_NAME_CHARS})")
-    if not name[0].isalnum():
-        raise VoiceError(f"voice name {name!r} must start with a letter or digit")
-    if ".." in name:
-        raise VoiceError(f"voice name {name!r} contains '..'")
-    if name.endswith("."):
-        raise VoiceError(f"voice name {name!r} must not end with '.'")
-    if not _NAME_RE.fullmatch(name):
-        bad = sorted({c for c in name if not (c.isalnum() or c in "_.-")})
-        raise VoiceError(f"voice name {name!r} contains {''.join(bad)!r} (use A-Z, a-z, 0-9, '_', '.', '-')")
-    return name
 
 
 def fingerprint(config: ChromaConfig) -> str:
@@ -147,7 +67,7 @@ def fingerprint(config: ChromaConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _content_id(text_ids: torch.Tensor, codes: torch.Tensor) -> str:
+def content_id(text_ids: torch.Tensor, codes: torch.Tensor) -> str:
     """Hash of the tensors' values and shapes (little-endian int64), independent of device and memory layout."""
     h = hashlib.sha256(b"chroma-voice-v1")
     for t in (text_ids, codes):
@@ -241,7 +161,7 @@ class VoiceProfile:
         Depends on content only, so renaming a voice or re-saving it keeps the cache warm, and two names for the
         same clip share one cached prefix.
         """
-        return _content_id(self.text_ids, self.codes)
+        return content_id(self.text_ids, self.codes)
 
     @property
     def frames(self) -> int:
@@ -379,212 +299,3 @@ class VoiceProfile:
             )
         except VoiceError as exc:
             raise VoiceError(f"voice file {shown}: {exc}") from None
-
-
-@dataclass(frozen=True)
-class VoiceClip:
-    """A voice clip checked and resampled to the codec rate, with its transcript's ids: ready to encode."""
-
-    name: str | None
-    transcript: str
-    text_ids: torch.Tensor  # int64 [T]
-    waveform: torch.Tensor  # float32 [samples] at the codec rate
-    duration_s: float
-
-
-def prepare_voice_clip(
-    config: ChromaConfig,
-    processor: ChromaProcessor,
-    audio: AudioSource,
-    transcript: str,
-    *,
-    name: str | None = None,
-    sample_rate: int | None = None,
-    allow_paths: bool = True,
-) -> VoiceClip:
-    """Everything of cloning but the Mimi encode: checks, decoding, resampling, tokenizing (any thread)."""
-    if name is not None:
-        validate_voice_name(name)
-    if not isinstance(transcript, str) or not transcript.strip():
-        raise VoiceError("transcript is empty: give the exact words spoken in the clip")
-    transcript = transcript.strip()
-    if len(transcript) > MAX_TRANSCRIPT_CHARS:
-        raise VoiceError(
-            f"transcript is {len(transcript)} characters; at most {MAX_TRANSCRIPT_CHARS} for a "
-            f"{MAX_CLIP_SECONDS:g} s clip"
-        )
-    rate = int(config.sample_rate)
-    if processor.voice_sample_rate != rate:
-        raise VoiceError(
-            f"processor resamples voices to {processor.voice_sample_rate} Hz but the codec runs at {rate} Hz: "
-            "model and processor come from different checkpoints"
-        )
-    try:
-        prompt = processor.encode_voice_prompt(
-            transcript, audio, sample_rate=sample_rate, allow_paths=allow_paths, max_seconds=MAX_CLIP_SECONDS
-        )
-    except ValueError as exc:  # AudioError included
-        # load_audio checks the length before resampling, so an hour-long upload is refused cheaply.
-        raise VoiceError(f"voice clip: {exc}") from exc
-
-    wave = prompt.waveform.reshape(-1)
-    duration = wave.numel() / rate
-    if duration < MIN_CLIP_SECONDS:
-        raise VoiceError(f"voice clip is {duration:.2f} s long; at least {MIN_CLIP_SECONDS:g} s is needed")
-    if duration > MAX_CLIP_SECONDS + 1.0 / rate:  # resampling may round the length up by one sample
-        raise VoiceError(f"voice clip is {duration:.1f} s long; at most {MAX_CLIP_SECONDS:g} s is accepted")
-    if not bool(torch.isfinite(wave).all()):
-        raise VoiceError("voice clip has non-finite samples (NaN or infinity)")
-    rms = float(wave.double().pow(2).mean().sqrt())
-    peak = float(wave.abs().max())
-    if rms < SILENCE_RMS or peak < SILENCE_PEAK:
-        raise VoiceError(f"voice clip is silent (RMS {rms:.1e}, peak {peak:.1e}): nothing to clone")
-    return VoiceClip(name, transcript, prompt.text_ids.reshape(-1), wave, duration)
-
-
-def finish_voice_profile(config: ChromaConfig, clip: VoiceClip, codes: torch.Tensor) -> VoiceProfile:
-    """The profile of a prepared clip, given its Mimi codes [K, frames]."""
-    if codes.ndim != 2 or codes.shape[0] != config.num_codebooks or codes.shape[1] == 0:
-        raise VoiceError(f"the codec returned codes of shape {tuple(codes.shape)}; expected [K, frames]")
-    voice_name = clip.name if clip.name is not None else f"voice-{_content_id(clip.text_ids, codes)[:8]}"
-    profile = VoiceProfile(
-        name=voice_name,
-        transcript=clip.transcript,
-        text_ids=clip.text_ids,
-        codes=codes,
-        duration_s=clip.duration_s,
-        model_fingerprint=fingerprint(config),
-    )
-    logger.info(
-        "voice %r: cloned %.2f s clip into %d frames x %d codebooks (id %s)",
-        profile.name,
-        clip.duration_s,
-        profile.frames,
-        profile.num_codebooks,
-        profile.id,
-        extra={"voice": profile.name},
-    )
-    return profile
-
-
-def create_voice_profile(
-    model: ChromaModel,
-    processor: ChromaProcessor,
-    audio: AudioSource,
-    transcript: str,
-    *,
-    name: str | None = None,
-    sample_rate: int | None = None,
-    allow_paths: bool = True,
-) -> VoiceProfile:
-    """Clone a voice once: the clip's codes and the transcript's ids, ready to be stored and reused.
-
-    ``audio`` is anything :func:`chroma_agent.audio.load_audio` accepts, at any rate, mono or multi-channel.
-    The transcript must be what the clip says: the backbone learns the voice from the pairing. (A running
-    engine clones with `Engine.create_voice`, which does the same off its step loop.)
-    """
-    clip = prepare_voice_clip(model.config, processor, audio, transcript, name=name, sample_rate=sample_rate,
-                              allow_paths=allow_paths)
-    return finish_voice_profile(model.config, clip, model.encode_voice_codes(clip.waveform).to("cpu"))
-
-
-class VoiceStore:
-    """A folder of voice files, one per name, shared by the CLI and the servers.
-
-    Writes and deletes take a lock so concurrent requests cannot interleave; reads need none because every
-    write replaces the file atomically.
-    """
-
-    def __init__(self, folder: str | Path | None = None):
-        if folder is None:
-            env = os.environ.get(ENV_DIR, "").strip()
-            folder = Path(env) if env else DEFAULT_DIR
-        self.folder = Path(folder).expanduser()
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"VoiceStore({str(self.folder)!r})"
-
-    def path_for(self, name: str) -> Path:
-        """Where voice ``name`` lives; refuses names and symlinks that could point outside the folder."""
-        validate_voice_name(name)
-        path = self.folder / f"{name}{SUFFIX}"
-        if path.is_symlink():
-            raise VoiceError(f"voice {name!r}: {path.name} is a symlink; refusing to follow it")
-        root = self.folder.resolve()
-        if path.resolve().parent != root:
-            raise VoiceError(f"voice {name!r} resolves outside the voice folder")
-        return path
-
-    def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str):
-            return False
-        try:
-            return self.path_for(name).is_file()
-        except VoiceError:
-            return False
-
-    def names(self) -> builtins.list[str]:
-        """Names with a file in the folder, sorted; nothing is read or validated beyond the file name."""
-        if not self.folder.is_dir():
-            return []
-        out = []
-        for entry in self.folder.iterdir():
-            if not entry.name.endswith(SUFFIX) or entry.name.startswith("."):
-                continue
-            out.append(entry.name[: -len(SUFFIX)])
-        return sorted(out)
-
-    def list(self) -> builtins.list[VoiceProfile]:
-        """Every readable voice, sorted by name; one bad file must not hide the others, so it is only logged."""
-        profiles = []
-        for name in self.names():
-            try:
-                profiles.append(self._load(name))
-            except VoiceError as exc:
-                logger.warning("voice %r: skipped: %s", name, exc, extra={"voice": name})
-        return profiles
-
-    def get(self, name: str) -> VoiceProfile:
-        path = self.path_for(name)
-        if not path.is_file():
-            raise UnknownVoiceError(name)
-        return self._load(name)
-
-    def _load(self, name: str) -> VoiceProfile:
-        path = self.path_for(name)
-        try:
-            profile = VoiceProfile.load(path)
-        except VoiceError as exc:
-            if not path.exists():  # deleted between the listing and the read
-                raise UnknownVoiceError(name) from exc
-            raise
-        if profile.name != name:
-            # The store is keyed by file name (a renamed file is a renamed voice); the name inside is a label.
-            logger.warning(
-                "voice %r: file says its name is %r; using the file name",
-                name,
-                profile.name,
-                extra={"voice": name},
-            )
-            profile = replace(profile, name=name)
-        return profile
-
-    def save(self, profile: VoiceProfile, *, overwrite: bool = False) -> Path:
-        """Store ``profile`` under its name; an existing voice is only replaced when asked."""
-        if not isinstance(profile, VoiceProfile):
-            raise VoiceError(f"expected a VoiceProfile, got {type(profile).__name__}")
-        with self._lock:
-            path = self.path_for(profile.name)
-            if not overwrite and path.exists():
-                raise VoiceError(f"voice {profile.name!r} already exists")
-            return profile.save(self.folder, overwrite=overwrite)
-
-    def delete(self, name: str) -> None:
-        with self._lock:
-            path = self.path_for(name)
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                raise UnknownVoiceError(name) from None
-        logger.info("voice %r: deleted", name, extra={"voice": name})
