@@ -197,6 +197,10 @@ class ErrorCode:
     ACTIVE_RESPONSE = "conversation_already_has_active_response"
     CANCEL_NOT_ACTIVE = "response_cancel_not_active"
     SERVER_BUSY = "server_busy"
+    SESSION_EXPIRED = "session_expired"  # OpenAI's, when a session hits its maximum duration (we: or idles)
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's: a turn that cannot fit the model's context
+    TOO_MANY_ITEMS = "too_many_items"  # the conversation holds the server's max_items
+    TEXT_TOO_LONG = "text_too_long"  # a text longer than the server's max_turn_chars
     SERVER_ERROR = "server_error"
     INVALID_API_KEY = "invalid_api_key"
 
