@@ -12,9 +12,9 @@ from starlette.datastructures import UploadFile
 
 from chroma_agent.audio import AudioError, load_audio
 from chroma_agent.engine.engine import Engine
-from chroma_agent.server.chat import load_request_audio
 from chroma_agent.server.errors import APIError
 from chroma_agent.server.priority import in_background
+from chroma_agent.server.request_audio import load_request_audio
 from chroma_agent.server.schemas import (
     ErrorResponse,
     Voice,
