@@ -503,12 +503,12 @@ def test_a_new_reply_may_follow_a_cancel_at_once(engine, voice, case, user_audio
 
 
 def test_streamed_text_equals_the_whole_decode_for_multi_byte_text(parts):
-    from chroma_agent.engine.engine import _Detokenizer
+    from chroma_agent.engine.records import Detokenizer
 
     _, processor = parts
     text = "Grüße aus Köln 🎉 — naïve café, 東京 ok"
     ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
-    detok = _Detokenizer(lambda chunk: processor.decode_text(chunk, skip_special_tokens=True))
+    detok = Detokenizer(lambda chunk: processor.decode_text(chunk, skip_special_tokens=True))
     deltas = [detok.push(t) for t in ids]
     assert "".join(deltas) == processor.decode_text(ids, skip_special_tokens=True) == text
     assert all("\ufffd" not in d for d in deltas) and len(ids) > len(text.split())

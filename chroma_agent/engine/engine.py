@@ -10,6 +10,11 @@ thinker step over every text-only row. On a GPU the results of a step are read w
 Each conversation holds one row of the thinker and backbone caches. A reply prefills only what its
 conversation's row does not hold yet, and copies its voice's precomputed backbone prefix into the row.
 Replies may run ahead of their consumer by `lookahead_s`; cancelled replies stop before the next step.
+
+About 730 lines, on purpose: the step loop and the commands applied between its steps share this one thread's
+state (rows, replies, caches, waiters), and keeping them together keeps that invariant readable in one place.
+The parts with a state of their own live apart: the command queue (`commands`), the per-conversation and
+per-reply records (`records`), prompts (`context`), prefill, the step and its runner.
 """
 
 from __future__ import annotations
@@ -17,13 +22,12 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import logging
-import queue
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +35,23 @@ import numpy as np
 import torch
 
 from chroma_agent.audio import load_audio
-from chroma_agent.engine.context import ReplyPrompt, ThinkerContext, Turn
+from chroma_agent.engine.commands import CommandQueue, run_command, settle
+from chroma_agent.engine.context import Turn
 from chroma_agent.engine.conversation import (
-    ContextView,
     Conversation,
     ConversationError,
     Pending,
     Response,
-    TurnInfo,
     TurnRef,
 )
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError, TextDelta, Timings, Usage
 from chroma_agent.engine.generate import backbone_capacity
 from chroma_agent.engine.prefill import PrefillJob, encode_audio, prefill_tokens, prefill_voice
+from chroma_agent.engine.records import Detokenizer, EngineSession, Reply
 from chroma_agent.engine.runner import StepRunner
 from chroma_agent.engine.sampling import SamplingParams
 from chroma_agent.engine.step import DecodeBatch, Finish
+from chroma_agent.frames import FRAME_MS, check_codec
 from chroma_agent.model.chroma import ChromaModel
 from chroma_agent.model.kv_cache import KVCache
 from chroma_agent.model.loading import resolve_checkpoint
@@ -89,84 +94,6 @@ class EngineConfig:
             raise ValueError("prefill_chunk_tokens, prefill_audio_windows and prep_workers must be >= 1")
 
 
-FRAME_MS = 80.0  # one Mimi frame (checked against the model's config when the engine starts)
-
-
-@dataclass(eq=False)
-class _Reply:
-    """One `respond()` as the engine thread sees it."""
-
-    session: _Session
-    response: Response
-    prompt: ReplyPrompt
-    job: PrefillJob
-    audio: bool
-    limit: int  # frames (audio) or tokens (text-only)
-    sampling: SamplingParams
-    started_at: float = field(default_factory=time.perf_counter)
-    running: bool = False  # its row takes part in steps
-    on_device: bool = False  # what the host last wrote to the row's active flag
-    inflight: int = 0  # launched steps whose results were not read yet
-    steps_read: int = 0  # step results read for it (the first one checked its prefill for non-finite values)
-    finished: bool = False
-    truncate_ms: float | None = None
-    frames: int = 0
-    text: list[tuple[int, int]] = field(default_factory=list)  # (token id, step that injected it)
-    fed: int = 0
-    frame_steps: list[int] = field(default_factory=list)
-    first_audio_at: float | None = None
-    prefill_ms: float = 0.0
-    prefill_started: float | None = None
-    spoken_text: str = ""
-    detok: _Detokenizer | None = None
-
-    @property
-    def row(self) -> int:
-        return self.session.row
-
-
-class _Session:
-    """A conversation's engine-side state (touched by the engine thread only)."""
-
-    def __init__(self, engine: Engine, sid: str, row: int, voice: VoiceProfile | None, sampling: SamplingParams):
-        self.engine = engine
-        self.id = sid
-        self.row = row
-        self.voice = voice
-        self.sampling = sampling
-        self.context = ThinkerContext(engine.processor.pieces, engine.config.thinker_context)
-        self.reply: _Reply | None = None
-        self.last_reply: _Reply | None = None
-        self.closed = False
-        self.next_seq = 0
-        self.held: dict[int, tuple[Callable, Any, BaseException | None, Pending]] = {}
-
-    def set_voice(self, voice: VoiceProfile | None) -> None:
-        self.voice = voice
-
-    def view(self) -> ContextView:
-        ctx = self.context
-        turns = [TurnInfo(t.id, t.role, t.text, len(t.ids), t.audio_seconds, t.instructions) for t in ctx.turns]
-        return ContextView(turns, ctx.ids, ctx.cached, self.reply is not None)
-
-    def remove_turns(self, ids: Sequence[int]) -> None:
-        for turn_id in ids:
-            turn = self.context.find(turn_id)
-            if turn is not None:
-                self.context.remove(turn)
-
-    def truncate(self, heard_ms: float) -> str | None:
-        reply = self.reply or self.last_reply
-        if reply is None:
-            raise ConversationError("nothing to truncate: the conversation has no reply yet")
-        if not reply.finished:
-            reply.truncate_ms = heard_ms
-            reply.response.cancel_requested = True
-            return None
-        self.engine.apply_truncation(reply, heard_ms)
-        return reply.spoken_text
-
-
 class Engine:
     def __init__(
         self,
@@ -184,9 +111,7 @@ class Engine:
         self.voices = voices or VoiceStore()
         self.default_voice = default_voice
         self.sampling = sampling or SamplingParams(temperature=0.7, top_k=50)
-        frame_ms = 1000.0 * model.config.samples_per_frame / model.config.sample_rate
-        if abs(frame_ms - FRAME_MS) > 1e-6:
-            raise ValueError(f"this engine streams {FRAME_MS:g} ms frames; the codec makes {frame_ms:g} ms frames")
+        check_codec(model.config.sample_rate, model.config.samples_per_frame)
         self.batch = DecodeBatch(model, cfg.max_sessions, cfg.thinker_context, cfg.backbone_context)
         self.runner = StepRunner(self.batch, cfg.step_mode, list(cfg.step_buckets) if cfg.step_buckets else None)
         with torch.inference_mode():
@@ -196,14 +121,14 @@ class Engine:
         self.pool = concurrent.futures.ThreadPoolExecutor(cfg.prep_workers, thread_name_prefix="chroma-prep")
         self.stats = {"replies": 0, "errors": 0, "frames": 0, "steps": 0, "prefill_pieces": 0}
 
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands = CommandQueue(self.pool)
         self._free_rows = list(range(cfg.max_sessions))
         self._waiters: list[tuple[float, Callable, Pending]] = []  # (deadline, make, future), arrival order
-        self._sessions: dict[str, _Session] = {}
-        self._prefilling: list[_Reply] = []
-        self._ready: list[_Reply] = []
-        self._running: list[_Reply] = []
-        self._inflight: list[tuple[Any, str, list[_Reply]]] = []
+        self._sessions: dict[str, EngineSession] = {}
+        self._prefilling: list[Reply] = []
+        self._ready: list[Reply] = []
+        self._running: list[Reply] = []
+        self._inflight: list[tuple[Any, str, list[Reply]]] = []
         self._text_next = True  # the next decode step is a text step (see chroma_agent.engine.step)
         self._voice_kv: OrderedDict[str, tuple[KVCache, int]] = OrderedDict()
         self._clones: OrderedDict[tuple[str, str], VoiceProfile] = OrderedDict()
@@ -250,7 +175,7 @@ class Engine:
 
     def nudge(self) -> None:
         """Wake the step loop (a consumer caught up, or a cancel): a no-op command."""
-        self._commands.put(None)
+        self._commands.wake()
 
     @property
     def alive(self) -> bool:
@@ -281,75 +206,33 @@ class Engine:
         future: Pending = Pending()
         if not self.alive:
             future.set_exception(RuntimeError("the engine is closed"))
-            return future
-        if prepare is None:
-            self._commands.put((session_id, seq, apply, None, None, future))
-            return future
-
-        def prepared(job: concurrent.futures.Future) -> None:
-            exc = job.exception()
-            self._commands.put((session_id, seq, apply, None if exc else job.result(), exc, future))
-
-        try:
-            self.pool.submit(prepare).add_done_callback(prepared)
-        except RuntimeError as exc:  # the pool is shut down
-            future.set_exception(RuntimeError(f"the engine is closed ({exc})"))
+        else:
+            self._commands.post(session_id, seq, apply, prepare, future)
         return future
 
-    def _drain(self, block: bool) -> None:
-        timeout = self._idle_timeout() if block else 0.0
-        try:
-            item = self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if item is not None:
-                self._dispatch(*item)
-            try:
-                item = self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _idle_timeout(self) -> float:
-        if self._waiters:
-            return max(0.0, min(w[0] for w in self._waiters) - time.monotonic())
-        return 0.5
-
-    def _dispatch(self, sid: str | None, seq: int | None, apply: Callable, value: Any, exc: BaseException | None,
-                  future: Pending) -> None:
-        if sid is None:
-            self._run(apply, None, value, exc, future)
-            return
-        session = self._sessions.get(sid)
-        if session is None:
-            _settle(future, exc=ConversationError(f"conversation {sid} is closed"))
-            return
-        session.held[seq] = (apply, value, exc, future)
-        while session.next_seq in session.held:
-            apply, value, exc, future = session.held.pop(session.next_seq)
-            session.next_seq += 1
-            if session.closed:
-                _settle(future, exc=ConversationError(f"conversation {sid} is closed"))
+    def _apply_commands(self, block: bool) -> None:
+        timeout = None
+        if block:
+            timeout = max(0.0, min(w[0] for w in self._waiters) - time.monotonic()) if self._waiters else 0.5
+        for sid, seq, *command in self._commands.drain(timeout):
+            if sid is None:
+                run_command(command[0], None, *command[1:])
                 continue
-            self._run(apply, session, value, exc, future)
-
-    def _run(self, apply: Callable, session: _Session | None, value: Any, exc: BaseException | None,
-             future: Pending) -> None:
-        if exc is not None:
-            _settle(future, exc=exc)
-            return
-        try:
-            result = apply(session, value)
-        except Exception as error:  # a bad command fails its caller only
-            _settle(future, exc=error)
-            return
-        _settle(future, result=result)
+            session = self._sessions.get(sid)
+            if session is None:
+                settle(command[-1], exc=ConversationError(f"conversation {sid} is closed"))
+                continue
+            for apply, value, exc, future in session.commands.add(seq, tuple(command)):
+                if session.closed:
+                    settle(future, exc=ConversationError(f"conversation {sid} is closed"))
+                else:
+                    run_command(apply, session, value, exc, future)
 
     def _shutdown(self) -> None:
         for session in list(self._sessions.values()):
             self.apply_close(session, None)
         for _, _, future in self._waiters:
-            _settle(future, exc=RuntimeError("the engine is closed"))
+            settle(future, exc=RuntimeError("the engine is closed"))
         self._waiters.clear()
         self._stop = True
 
@@ -386,13 +269,13 @@ class Engine:
 
         def store(job: concurrent.futures.Future) -> None:
             if job.exception() is not None:
-                _settle(saved, exc=job.exception())
+                settle(saved, exc=job.exception())
                 return
             try:
                 self.voices.save(job.result(), overwrite=True)
-                _settle(saved, result=job.result())
+                settle(saved, result=job.result())
             except Exception as exc:
-                _settle(saved, exc=exc)
+                settle(saved, exc=exc)
 
         cloned.add_done_callback(lambda job: self.pool.submit(store, job))
         return saved
@@ -462,7 +345,7 @@ class Engine:
 
             def make(row: int) -> Conversation:
                 sid = uuid.uuid4().hex[:12]
-                session = _Session(self, sid, row, profile, sampling or self.sampling)
+                session = EngineSession(self, sid, row, profile, sampling or self.sampling)
                 if note is not None:
                     session.context.set_instructions(note)
                 self._sessions[sid] = session
@@ -484,13 +367,13 @@ class Engine:
             if job.cancelled():
                 return
             if job.exception() is not None:
-                _settle(outer, exc=job.exception())
+                settle(outer, exc=job.exception())
                 return
             result = job.result()
             if isinstance(result, Pending):  # waiting for a slot: a caller who gives up cancels the wait
                 outer.add_done_callback(lambda f: result.cancel() if f.cancelled() else None)
                 result.add_done_callback(unwrap)
-            elif not _settle(outer, result=result):
+            elif not settle(outer, result=result):
                 result.close()  # the caller gave up just as the slot came: give it back
 
         self.post(None, None, apply, prepare).add_done_callback(unwrap)
@@ -506,24 +389,23 @@ class Engine:
             if self._free_rows:
                 row = self._free_rows.pop(0)
                 conv = make(row)
-                if not _settle(future, result=conv):  # gave up at this very moment: give the slot back
+                if not settle(future, result=conv):  # gave up at this very moment: give the slot back
                     self.apply_close(self._sessions[conv.id], None)
             elif deadline <= now:
-                _settle(future, exc=EngineBusyError(f"all {self.config.max_sessions} conversation slots are in "
+                settle(future, exc=EngineBusyError(f"all {self.config.max_sessions} conversation slots are in "
                                                     "use (waited for one)"))
             else:
                 self._waiters.append((deadline, make, future))
 
-    def apply_close(self, session: _Session, _: Any) -> None:
+    def apply_close(self, session: EngineSession, _: Any) -> None:
         if session.closed:
             return
         if session.reply is not None:
             self._finish(session.reply, "cancelled")
         session.closed = True
         self._sessions.pop(session.id, None)
-        for _, _, _, future in session.held.values():
-            _settle(future, exc=ConversationError(f"conversation {session.id} is closed"))
-        session.held.clear()
+        for future in session.commands.drop():
+            settle(future, exc=ConversationError(f"conversation {session.id} is closed"))
         self._free_rows.append(session.row)
         self._free_rows.sort()
         log.info("conversation %s closed (row %d free)", session.id, session.row, extra={"session": session.id})
@@ -548,16 +430,16 @@ class Engine:
         inputs = self.processor.encode_turn(role, content)
         return Turn(role, inputs.ids, text, inputs.features, inputs.audio_seconds)
 
-    def apply_turn(self, session: _Session, turn: Turn) -> TurnRef:
+    def apply_turn(self, session: EngineSession, turn: Turn) -> TurnRef:
         session.context.append(turn)
         return TurnRef(turn.id, turn.role)
 
-    def apply_instructions(self, session: _Session, turn: Turn | None) -> None:
+    def apply_instructions(self, session: EngineSession, turn: Turn | None) -> None:
         session.context.set_instructions(turn)
 
     # --- replies ----------------------------------------------------------------------------------------
 
-    def apply_respond(self, session: _Session, response: Response, note: Turn | None, max_frames: int | None,
+    def apply_respond(self, session: EngineSession, response: Response, note: Turn | None, max_frames: int | None,
                       sampling: SamplingParams | None, output_audio: bool, max_tokens: int | None) -> None:
         if session.reply is not None:
             if not session.reply.response.cancel_requested:
@@ -581,7 +463,7 @@ class Engine:
         prompt = session.context.open_reply(reserve)
         job = PrefillJob(session.row, prompt.ids, prompt.start, prompt.features, self.model.config.audio_token_id,
                          self.model.audio_window_frames)
-        reply = _Reply(session, response, prompt, job, output_audio, limit, sampling or session.sampling)
+        reply = Reply(session, response, prompt, job, output_audio, limit, sampling or session.sampling)
         session.reply = reply
         self._prefilling.append(reply)
 
@@ -644,7 +526,7 @@ class Engine:
                 log.exception("conversation %s: reply could not start", session.id)
                 self._fail(reply, exc)
                 continue
-            reply.detok = _Detokenizer(lambda ids: self.processor.decode_text(ids, skip_special_tokens=True))
+            reply.detok = Detokenizer(lambda ids: self.processor.decode_text(ids, skip_special_tokens=True))
             reply.running = True
             self._running.append(reply)
             self.stats["replies"] += 1
@@ -657,7 +539,7 @@ class Engine:
             if reply.inflight == 0:
                 self._finish(reply, "cancelled")
 
-    def _stop_row(self, reply: _Reply) -> None:
+    def _stop_row(self, reply: Reply) -> None:
         if reply.running:
             self.batch.stop_row(reply.row)
             reply.on_device = False
@@ -673,7 +555,7 @@ class Engine:
         with torch.inference_mode():
             while not self._stop:
                 try:
-                    self._drain(block=not self._has_work())
+                    self._apply_commands(block=not self._has_work())
                     if self._stop:
                         break
                     self._handle_cancels()
@@ -694,7 +576,7 @@ class Engine:
                     self._inflight = []
         log.info("engine thread stopped")
 
-    def _launch_steps(self, lookahead: int) -> list[tuple[Any, str, list[_Reply]]]:
+    def _launch_steps(self, lookahead: int) -> list[tuple[Any, str, list[Reply]]]:
         launched = []
         speaking = [r for r in self._running if r.audio and not r.finished and not r.response.cancel_requested]
         if self._text_next:  # pacing is decided per pair of steps, so every row keeps its text phase
@@ -726,7 +608,7 @@ class Engine:
             launched.append((pending, "thinker", thinking))
         return launched
 
-    def _read(self, launched: list[tuple[Any, str, list[_Reply]]]) -> None:
+    def _read(self, launched: list[tuple[Any, str, list[Reply]]]) -> None:
         k = self.model.config.num_codebooks
         header = self.batch.header
         for pending, kind, rows in launched:
@@ -768,7 +650,7 @@ class Engine:
         for reply in [r for r in self._running if r.response.cancel_requested and r.inflight == 0]:
             self._finish(reply, "cancelled")
 
-    def _text_events(self, reply: _Reply, token: int) -> list:
+    def _text_events(self, reply: Reply, token: int) -> list:
         if reply.detok is None or token == self.model.config.im_end_id:
             return []
         delta = reply.detok.push(token)
@@ -776,7 +658,7 @@ class Engine:
 
     # --- ending replies ---------------------------------------------------------------------------------
 
-    def _retire(self, reply: _Reply) -> _Session:
+    def _retire(self, reply: Reply) -> EngineSession:
         reply.finished = True
         reply.response.finished = True
         self._stop_row(reply)
@@ -794,7 +676,7 @@ class Engine:
             session.reply = None
         return session
 
-    def _finish(self, reply: _Reply, reason: str) -> None:
+    def _finish(self, reply: Reply, reason: str) -> None:
         if reply.finished:
             return
         session = self._retire(reply)
@@ -814,7 +696,7 @@ class Engine:
                  else round(done.timings.time_to_first_audio_ms), extra={"session": session.id})
         reply.response.deliver([done])
 
-    def _fail(self, reply: _Reply, exc: Exception, scrub: bool = False) -> None:
+    def _fail(self, reply: Reply, exc: Exception, scrub: bool = False) -> None:
         if reply.finished:
             return
         session = self._retire(reply)
@@ -827,7 +709,7 @@ class Engine:
         log.warning("conversation %s: reply failed: %s", session.id, exc, extra={"session": session.id})
         reply.response.deliver([ResponseError(f"{type(exc).__name__}: {exc}", kind)])
 
-    def apply_truncation(self, reply: _Reply, heard_ms: float) -> None:
+    def apply_truncation(self, reply: Reply, heard_ms: float) -> None:
         """Keep in the context only the text injected up to the last frame the listener heard."""
         if not reply.audio:
             return  # a text reply is read, not heard
@@ -843,48 +725,13 @@ class Engine:
 
     # --- reporting --------------------------------------------------------------------------------------
 
-    def _usage(self, reply: _Reply) -> Usage:
+    def _usage(self, reply: Reply) -> Usage:
         return Usage(prompt_tokens=len(reply.prompt.ids), cached_tokens=reply.prompt.start,
                      text_tokens=len([t for t, _ in reply.text if t != self.model.config.im_end_id]),
                      audio_frames=reply.frames, audio_prompt_tokens=reply.prompt.audio_tokens)
 
-    def _timings(self, reply: _Reply) -> Timings:
+    def _timings(self, reply: Reply) -> Timings:
         now = time.perf_counter()
         ttfa = None if reply.first_audio_at is None else (reply.first_audio_at - reply.started_at) * 1000
         return Timings(time_to_first_audio_ms=ttfa, prefill_ms=reply.prefill_ms,
                        total_ms=(now - reply.started_at) * 1000, audio_ms=reply.frames * FRAME_MS)
-
-
-def _settle(future: concurrent.futures.Future, *, result: Any = None, exc: BaseException | None = None) -> bool:
-    """Resolve `future` unless its caller cancelled it; False if it was cancelled."""
-    try:
-        if exc is not None:
-            future.set_exception(exc)
-        else:
-            future.set_result(result)
-    except concurrent.futures.InvalidStateError:
-        return False
-    return True
-
-
-class _Detokenizer:
-    """Streams text for growing token ids without splitting multi-byte characters, in O(1) per token.
-
-    Only a window of recent ids is decoded each time (the ids since the last emitted text, plus the ones
-    before them for context), so a long reply costs the engine thread no more per token than a short one.
-    """
-
-    def __init__(self, decode):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.prefix = 0  # window start
-        self.read = 0  # ids up to here are already emitted
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        before = self.decode(self.ids[self.prefix : self.read])
-        text = self.decode(self.ids[self.prefix :])
-        if len(text) <= len(before) or text.endswith("\ufffd") or not text.startswith(before):
-            return ""  # no new character yet (e.g. half of a multi-byte one)
-        self.prefix, self.read = self.read, len(self.ids)
-        return text[len(before):]
