@@ -135,6 +135,15 @@ SOURCES: dict[str, Source] = {
 }
 
 
+def optional_voice_name(value: str | None) -> str | None:
+    """A voice name as every setting takes it: None, or a name the voice store accepts."""
+    if value is None:
+        return None
+    from chroma_agent.voices import validate_voice_name  # the voices package is heavier than configuration
+
+    return validate_voice_name(value)
+
+
 def _blank_to_none(value: Any) -> Any:
     return None if isinstance(value, str) and not value.strip() else value
 
@@ -276,11 +285,7 @@ class VoiceSettings(Settings):
     @field_validator("voice")
     @classmethod
     def _voice(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        from chroma_agent.voices import validate_voice_name
-
-        return validate_voice_name(value)
+        return optional_voice_name(value)
 
     @field_validator("voice_audio")
     @classmethod

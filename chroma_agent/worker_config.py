@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from chroma_agent.config import SOURCES as ALL_SOURCES
-from chroma_agent.config import EngineSettings, SettingsError, describe, validate_url
+from chroma_agent.config import EngineSettings, SettingsError, describe, optional_voice_name, validate_url
+from chroma_agent.engine.params import MAX_TEMPERATURE, check_temperature
 
 log = logging.getLogger("chroma_agent.worker")
 
@@ -129,23 +129,17 @@ class CallSettings(BaseModel):
     voice: str | None = None
     instructions: str | None = Field(None, min_length=1, max_length=20_000)
     greeting: str | None = Field(None, min_length=1, max_length=2_000)
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE)
 
     @field_validator("voice")
     @classmethod
     def _voice(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        from chroma_agent.voices import validate_voice_name
-
-        return validate_voice_name(value)
+        return optional_voice_name(value)
 
     @field_validator("temperature")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+        return None if value is None else check_temperature(value)
 
 
 def _object_from(raw: str | None, source: str) -> dict[str, Any]:

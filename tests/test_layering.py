@@ -168,7 +168,7 @@ ALLOWED = {
     "webrtc": {"engine", "model", "voices", "vad", "config"},
     # the packaged LiveKit worker is made of the plugin: the one front end another one builds on
     "worker": {"engine", "voices", "config", "worker_config", "plugin"},
-    "worker_config": {"voices", "config"},
+    "worker_config": {"voices", "config", "engine"},  # engine.params only: the sampling rule
     "plugin": {"engine", "voices", "realtime_client", "realtime_protocol", TOP},
 }
 

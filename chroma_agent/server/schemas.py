@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, StrictInt, Tag, field_validator
 
+from chroma_agent.engine.params import MAX_TEMPERATURE
+
 #: What `audio_format` / `audio.format` may name: OpenAI's output formats ("pcm" is FlashLabs' word for pcm16).
 AudioFormat = Literal["wav", "pcm16", "pcm", "mp3", "flac", "opus", "aac"]
 
@@ -134,7 +136,7 @@ class ChatCompletionRequest(_Request):
     stream_options: dict[str, Any] | None = Field(None, description="accepted; usage is always in the last chunk")
     max_tokens: StrictInt | None = Field(None, ge=1, le=100_000, description="reply length limit in 80 ms audio frames")
     max_completion_tokens: StrictInt | None = Field(None, ge=1, le=100_000, description="OpenAI's name for max_tokens")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy")
+    temperature: float | None = Field(None, ge=0, le=MAX_TEMPERATURE, description="0 is greedy")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0 switches top-k off")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="makes sampled replies reproducible")
