@@ -47,9 +47,9 @@ from chroma_agent.server.settings import ServerSettings
 from chroma_agent.voices import VoiceProfile
 
 if TYPE_CHECKING:
-    from chroma_agent.server.realtime.input_buffer import ServerVad
     from chroma_agent.server.realtime.items import _Item
     from chroma_agent.server.realtime.responses import _Response
+    from chroma_agent.vad import TurnDetector
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Connection:
         self.modality: Modality = "audio"
         self.instructions: str | None = None
         self.turn_detection: dict[str, Any] | None = None
-        self.vad: ServerVad | None = None
+        self.vad: TurnDetector | None = None  # server VAD, when turn detection is on
         self.vad_item_id: str | None = None
         self.temperature: float | None = None
         self.max_output_tokens: int | str = self.settings.default_max_frames

@@ -8,8 +8,8 @@ on the session's input audio clock (all audio appended since connect), which the
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ from chroma_agent.realtime_protocol import (
 from chroma_agent.server.priority import in_background
 from chroma_agent.server.realtime.connection import Connection
 from chroma_agent.server.realtime.items import MIN_COMMIT_MS, _Item
+from chroma_agent.vad import SileroVad, SpeechStarted, TurnDetector, VadEvent
 
 log = logging.getLogger(__name__)
 
@@ -47,86 +48,25 @@ def _log_vad_unavailable(exc: Exception) -> None:
                     type(exc).__name__, exc)
 
 
-@functools.lru_cache(maxsize=1)
-def _silero_session():
-    """Silero VAD's ONNX model as livekit-plugins-silero ships it, loaded once per process (safe to share).
+def server_vad(config: dict[str, Any], origin_ms: int = 0,
+               speech_prob: Callable[[np.ndarray], float] | None = None) -> TurnDetector:
+    """The shared turn detector as ``server_vad`` runs it: Silero unless ``speech_prob`` stands in for it.
 
-    The model file is located without importing the plugin package: its ``__init__`` registers a LiveKit plugin,
-    which only works on the main thread, and pulls in all of livekit-agents.
+    Blocking the first time (it loads Silero): call it off the event loop. Speech starts on one window at or above
+    ``threshold`` (OpenAI's server VAD has no minimum speech length) and ends after ``silence_duration_ms``; a turn
+    has no maximum length (the buffer's own limit refuses what does not fit). The detector keeps no audio: the
+    buffer is the audio, and keeping ``prefix_padding_ms`` of it before the speech is the buffer's job. Its clock
+    starts at ``origin_ms`` on the input audio clock, so its event times are the times the client is told.
     """
-    import importlib.util
-    from pathlib import Path
-
-    import onnxruntime
-
-    spec = importlib.util.find_spec("livekit.plugins.silero")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("livekit-plugins-silero is not installed (pip install 'chroma-agent[livekit]')")
-    path = Path(next(iter(spec.submodule_search_locations))) / "resources" / "silero_vad.onnx"
-    opts = onnxruntime.SessionOptions()
-    opts.inter_op_num_threads = 1
-    opts.intra_op_num_threads = 1
-    opts.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
-    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"], sess_options=opts)
+    return TurnDetector(speech_prob if speech_prob is not None else SileroVad(),
+                        threshold=float(config["threshold"]), min_speech_ms=0,
+                        min_silence_ms=float(config["silence_duration_ms"]), max_turn_s=None, keep_audio=False,
+                        origin_ms=origin_ms)
 
 
-class ServerVad:
-    """Server-side turn detection on the input buffer with Silero (16 kHz, 32 ms windows).
-
-    ``push`` takes PCM16 24 kHz bytes and returns ``("start", ms)`` / ``("stop", ms)`` events, ``ms`` counted on
-    the session's input audio clock (all audio appended since connect).
-    """
-
-    WINDOW = 512  # samples at 16 kHz
-    CONTEXT = 64  # samples of the previous window the model sees again
-
-    def __init__(self, config: dict[str, Any]):
-        self.threshold = float(config["threshold"])
-        self.prefix_padding_ms = int(config["prefix_padding_ms"])
-        self.silence_duration_ms = int(config["silence_duration_ms"])
-        self.session = _silero_session()
-        self.window = self.WINDOW
-        self.origin_ms = 0  # the input audio clock when this detector started
-        self.position = 0  # 16 kHz samples already judged
-        self.reset()
-
-    def _prob(self, chunk: np.ndarray) -> float:
-        x = np.concatenate([self.context, chunk])[None, :].astype(np.float32)
-        out, self.state = self.session.run(None, {"input": x, "state": self.state,
-                                                  "sr": np.array(16000, dtype=np.int64)})
-        self.context = x[0, -self.CONTEXT:]
-        return float(out.item())
-
-    def push(self, pcm: bytes) -> list[tuple[str, int]]:
-        x = resample(pcm16_to_float(pcm), SAMPLE_RATE, 16000)
-        self.pending = np.concatenate([self.pending, x])
-        events = []
-        release = max(self.threshold - 0.15, 0.01)
-        while self.pending.size >= self.window:
-            chunk, self.pending = self.pending[: self.window], self.pending[self.window:]
-            prob = self._prob(chunk)
-            self.position += self.window
-            if not self.speaking:
-                if prob >= self.threshold:
-                    self.speaking = True
-                    self.silent_samples = 0
-                    events.append(("start", self.origin_ms + (self.position - self.window) // 16))
-            elif prob < release:
-                self.silent_samples += self.window
-                if self.silent_samples * 1000 >= self.silence_duration_ms * 16000:
-                    self.speaking = False
-                    events.append(("stop", self.origin_ms + self.position // 16))
-            else:
-                self.silent_samples = 0
-        return events
-
-    def reset(self) -> None:
-        self.position += getattr(self, "pending", np.zeros(0)).size  # the clock keeps counting what is dropped
-        self.state = np.zeros((2, 1, 128), dtype=np.float32)
-        self.context = np.zeros(self.CONTEXT, dtype=np.float32)
-        self.pending = np.zeros(0, dtype=np.float32)
-        self.speaking = False
-        self.silent_samples = 0
+def _detect(vad: TurnDetector, pcm: bytes) -> list[VadEvent]:
+    """One append through the detector (its own stream resampler takes 24 kHz to 16 kHz). Blocking."""
+    return vad.push(pcm16_to_float(pcm), SAMPLE_RATE)
 
 
 class InputBuffer(Connection):
@@ -134,9 +74,9 @@ class InputBuffer(Connection):
 
     async def _start_server_vad(self) -> None:
         try:
-            self.vad = await asyncio.to_thread(ServerVad, DEFAULT_TURN_DETECTION)
+            self.vad = await asyncio.to_thread(server_vad, DEFAULT_TURN_DETECTION, int(self.input_ms_total))
             self.turn_detection = dict(DEFAULT_TURN_DETECTION)
-        except Exception as exc:  # livekit-plugins-silero / onnxruntime missing or broken
+        except Exception as exc:  # VadUnavailable (livekit-plugins-silero / onnxruntime missing), or a broken one
             _log_vad_unavailable(exc)
 
     async def _append(self, event: InputAudioBufferAppend) -> None:
@@ -162,10 +102,10 @@ class InputBuffer(Connection):
         cfg = self.turn_detection
         # ~12 ms of CPU per second of audio (resampling + Silero): off the event loop, which every session shares
         # (onnxruntime releases the GIL). Appends are handled one at a time, so the detector sees them in order.
-        for kind, ms in await asyncio.to_thread(self.vad.push, pcm):
-            if kind == "start":
+        for event in await asyncio.to_thread(_detect, self.vad, pcm):
+            if isinstance(event, SpeechStarted):
                 self.vad_item_id = new_id("item")
-                start = max(0, ms - cfg["prefix_padding_ms"])
+                start = max(0, event.at_ms - cfg["prefix_padding_ms"])
                 # keep the padding before the speech, drop older silence
                 drop = max(0, (start - self.buffer_start_ms) * SAMPLE_RATE // 1000) * SAMPLE_WIDTH
                 del self.buffer[:min(drop, len(self.buffer))]
@@ -176,9 +116,9 @@ class InputBuffer(Connection):
                 await self._send(self.events.speech_started(self.vad_item_id, start))
                 if cut is not None:
                     await self._send(self.events.item_truncated(interrupted.item_id, 0, cut))
-            else:
+            else:  # TurnEnded
                 item_id, self.vad_item_id = self.vad_item_id or new_id("item"), None
-                await self._send(self.events.speech_stopped(item_id, ms))
+                await self._send(self.events.speech_stopped(item_id, event.at_ms))
                 if await self._commit_buffer(item_id, None) and cfg["create_response"]:
                     await self._await_cancelled()
                     if self.response is None:

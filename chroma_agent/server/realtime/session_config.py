@@ -25,7 +25,7 @@ from chroma_agent.realtime_protocol import (
     VoiceRef,
 )
 from chroma_agent.server.realtime.connection import Connection
-from chroma_agent.server.realtime.input_buffer import ServerVad
+from chroma_agent.server.realtime.input_buffer import server_vad
 from chroma_agent.server.voice_choice import (
     DEFAULT_VOICE_SETTING,
     VoiceNotFound,
@@ -158,9 +158,9 @@ class SessionConfig(Connection):
             vad = None
             if new_td is not None:
                 try:
-                    vad = await asyncio.to_thread(ServerVad, new_td)
+                    vad = await asyncio.to_thread(server_vad, new_td, int(self.input_ms_total))
                 except Exception as exc:  # silero/onnxruntime missing or broken
-                    log.warning("server_vad unavailable: %s", exc)
+                    log.warning("realtime session %s: server_vad unavailable: %s", self.session_id, exc)
                     raise ProtocolError(ErrorCode.UNSUPPORTED, f"server_vad is not available on this server "
                                         f"({type(exc).__name__}: {exc}); use turn_detection null and commit the "
                                         "input audio buffer yourself", param=td_param, event_id=eid) from None
@@ -176,7 +176,5 @@ class SessionConfig(Connection):
             self.temperature = s.temperature
         self.max_output_tokens = max_tokens
         if new_td != self.turn_detection:
-            if vad is not None:
-                vad.origin_ms = int(self.input_ms_total)
             self.turn_detection, self.vad, self.vad_item_id = new_td, vad, None
         await self._send(self.events.session_updated(self._session_payload()))
