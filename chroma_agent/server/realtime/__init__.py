@@ -9,7 +9,9 @@ buffered without bound. Blocking engine calls (feature extraction, context edits
 A connection is made of parts, one job each, over one shared state: :mod:`.connection` (its life and transport),
 :mod:`.session_config` (``session.update``), :mod:`.input_buffer` (input audio and server VAD), :mod:`.items`
 (conversation items) and :mod:`.responses` (replies). This module puts them together and maps each client event
-to its handler, so no part needs to know the others' events.
+to its handler, so no part needs to know the others' events. The modules import downward only (connection, items,
+input_buffer, session_config, responses, this one); at run time the parts reach each other through the one
+connection object (a commit adds an item, a barge-in cancels the reply), as the events they handle do.
 
 The wire format (names, validation, event shapes) lives in :mod:`chroma_agent.realtime_protocol`.
 """
