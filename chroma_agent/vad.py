@@ -168,8 +168,12 @@ class TurnDetector:
         return events
 
     def reset(self) -> None:
-        """Forget the stream so far (a commit or a clear): no turn is open; the clock keeps counting."""
-        self._samples += self._pending.size
+        """Forget the stream so far (a commit or a clear): no turn is open; the clock keeps counting.
+
+        What the resampler still holds is from before the reset too: it is dropped with the part window (counted
+        on the clock), or its last few ms of speech would open a turn the caller has already ended.
+        """
+        self._samples += self._pending.size + self._resampler.flush().size
         self._pending = np.zeros(0, dtype=np.float32)
         self._windows = []
         self._turn_windows = self._speech_run = self._silence_run = 0

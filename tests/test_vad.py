@@ -76,6 +76,21 @@ def test_reset_drops_the_open_turn_but_the_clock_keeps_counting():
     assert isinstance(again, SpeechStarted) and 810 + 200 - 32 <= again.at_ms <= 810 + 200
 
 
+def test_a_reset_drops_what_the_resampler_still_holds_and_counts_it_on_the_clock():
+    """At 24 kHz (the realtime server's input) the resampler holds the last few ms of what was pushed: after a
+    reset they are gone with the rest (speech cut by a commit opens no second turn) and the clock has counted
+    every sample pushed before it."""
+    rate = 24_000
+    detector = server_detector()
+    assert isinstance(push_all(detector, np.concatenate([silence(0.5, rate), tone(0.5, rate)]), rate)[0],
+                      SpeechStarted)
+    detector.reset()
+    assert push_all(detector, silence(1.0, rate), rate) == []  # no turn from the speech before the reset
+    (again,) = push_all(detector, tone(0.2, rate), rate)[:1]
+    # 2.0 s were pushed before this speech: it starts in the window holding 2.0 s (windows run from the reset)
+    assert isinstance(again, SpeechStarted) and 2000 - 32 < again.at_ms <= 2000
+
+
 def test_input_at_48_and_24_khz_is_resampled_in_stream_and_keeps_the_clock():
     speech_16k = np.concatenate([silence(1.0), tone(1.0), silence(0.8)])
     expected = push_all(server_detector(), speech_16k, VAD_RATE)
