@@ -25,8 +25,6 @@ from starlette.websockets import WebSocketState
 from chroma_agent.engine.conversation import Conversation
 from chroma_agent.engine.engine import Engine, EngineBusyError
 from chroma_agent.realtime_protocol import (
-    BETA_HEADER_VALUE,
-    BETA_SUBPROTOCOL,
     INSECURE_API_KEY_SUBPROTOCOL,
     SAMPLE_RATE,
     SAMPLE_WIDTH,
@@ -39,6 +37,7 @@ from chroma_agent.realtime_protocol import (
     new_id,
     parse_client_event,
 )
+from chroma_agent.realtime_protocol.rules import dialect_of, peek_event_id
 from chroma_agent.server.connections import abort_connection
 from chroma_agent.server.errors import APIError
 from chroma_agent.server.metrics import ServerMetrics
@@ -69,14 +68,6 @@ class _Disconnected(Exception):
     """The client went away while we were sending."""
 
 
-def _dialect_of(websocket: WebSocket) -> Dialect:
-    beta = websocket.headers.get("openai-beta", "")
-    if BETA_HEADER_VALUE in beta.replace(" ", "").split(","):
-        return "beta"
-    if BETA_SUBPROTOCOL in websocket.scope.get("subprotocols", []):
-        return "beta"
-    return "ga"
-
 
 def _given_key(websocket: WebSocket) -> str | None:
     key = bearer_token(websocket.headers.get("authorization")) or websocket.headers.get("api-key")
@@ -99,22 +90,6 @@ def _duration(seconds: float) -> str:
     return f"{seconds:g} s"
 
 
-def _peek_event_id(text: str) -> str | None:
-    """The event_id of a message we will not fully parse (too big, rate-limited), when it is easy to find."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        start = text.find('"event_id"')
-        if start < 0:
-            return None
-        rest = text[start + len('"event_id"'):].lstrip(" :")
-        if rest.startswith('"'):
-            end = rest.find('"', 1)
-            return rest[1:end] if end > 0 else None
-        return None
-    value = data.get("event_id") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
-
 
 class Connection:
     """A session's state and its transport; the parts above it handle the events (see ``_dispatch``)."""
@@ -125,7 +100,8 @@ class Connection:
         self.engine: Engine = state.engine
         self.settings: ServerSettings = state.settings
         self.metrics: ServerMetrics = state.metrics
-        self.dialect: Dialect = dialect or _dialect_of(websocket)
+        self.dialect: Dialect = dialect or dialect_of(websocket.headers.get("openai-beta"),
+                                                      websocket.scope.get("subprotocols", []))
         self.events = ServerEvents(self.dialect)
         self.session_id = new_id("sess")
         self.conv: Conversation | None = None
@@ -361,7 +337,7 @@ class Connection:
                 if size > limit:
                     self._inbox.put_nowait(("error", ProtocolError(
                         ErrorCode.MESSAGE_TOO_LARGE, f"message of {size} bytes exceeds the limit of {limit} bytes",
-                        event_id=_peek_event_id(text[:4096]))))
+                        event_id=peek_event_id(text[:4096]))))
                     continue
                 self._inbox_bytes += size
                 self._inbox.put_nowait(("event", (text, size)))
@@ -393,7 +369,7 @@ class Connection:
             except Exception:
                 log.exception("realtime session %s: handling a client event failed", self.session_id)
                 await self._send_error(ProtocolError(ErrorCode.SERVER_ERROR, "internal error handling the event",
-                                                     type="server_error", event_id=_peek_event_id(text[:4096])))
+                                                     type="server_error", event_id=peek_event_id(text[:4096])))
 
     async def _rate_limited(self, text: str | None) -> bool:
         """Tell the client it is too fast (at most once a second); False once flooding must end the connection."""
@@ -402,7 +378,7 @@ class Connection:
         if self._excess > FLOOD_BURSTS * rate:
             await self._send_error(ProtocolError(
                 ErrorCode.RATE_LIMITED, f"closing the connection: sustained flooding above {rate:g} messages/s",
-                event_id=_peek_event_id((text or "")[:4096])))
+                event_id=peek_event_id((text or "")[:4096])))
             await self.ws.close(CLOSE_POLICY, "message rate limit exceeded")
             return False
         now = time.monotonic()
@@ -410,7 +386,7 @@ class Connection:
             self._last_rate_error = now
             self._inbox.put_nowait(("error", ProtocolError(
                 ErrorCode.RATE_LIMITED, f"too many messages: at most {rate:g} per second; this message was dropped",
-                event_id=_peek_event_id((text or "")[:4096]))))
+                event_id=peek_event_id((text or "")[:4096]))))
         return True
 
     # --- the session's end ----------------------------------------------------------------------------------

@@ -30,9 +30,10 @@ from chroma_agent.realtime_protocol import (
     b64_to_pcm,
     new_id,
 )
+from chroma_agent.realtime_protocol.rules import MIN_COMMIT_MS
 from chroma_agent.server.priority import in_background
 from chroma_agent.server.realtime.connection import Connection
-from chroma_agent.server.realtime.items import MIN_COMMIT_MS, _Item
+from chroma_agent.server.realtime.items import _Item
 from chroma_agent.vad import SileroVad, SpeechStarted, TurnDetector, VadEvent
 
 log = logging.getLogger(__name__)

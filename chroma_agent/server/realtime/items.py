@@ -30,12 +30,12 @@ from chroma_agent.realtime_protocol import (
     b64_to_pcm,
     new_id,
 )
+from chroma_agent.realtime_protocol.rules import MIN_COMMIT_MS
 from chroma_agent.server.priority import in_background
 from chroma_agent.server.realtime.connection import Connection
 
 log = logging.getLogger(__name__)
 
-MIN_COMMIT_MS = 100  # OpenAI refuses shorter buffers with the same error code
 
 
 @dataclass

@@ -28,19 +28,13 @@ from chroma_agent.realtime_protocol import (
     ResponseCreate,
     new_id,
 )
+from chroma_agent.realtime_protocol.rules import check_format, max_frames, output_modality, voice_name
 from chroma_agent.server.realtime.connection import RESPONSE_STOP_WAIT_S, Connection, _Disconnected
 from chroma_agent.server.realtime.items import _Item
-from chroma_agent.server.realtime.session_config import _check_format, _modality, _voice_name
 from chroma_agent.server.voice_choice import is_stock_voice
 
 log = logging.getLogger(__name__)
 
-
-def _max_frames(value: int | str | None, default: int) -> int | None:
-    """Output tokens -> reply frames: one 80 ms audio frame per token; "inf" means the engine's own limit."""
-    if value is None:
-        return default
-    return None if value == "inf" else int(value)
 
 
 @dataclass
@@ -99,19 +93,19 @@ class Responses(Connection):
             self._require_text(len(p.instructions), "response.instructions", eid)
         modality = self.modality
         for name in ("output_modalities", "modalities"):
-            modality = _modality(getattr(p, name), f"response.{name}", eid) or modality
+            modality = output_modality(getattr(p, name), f"response.{name}", eid) or modality
         if p.conversation not in (None, "auto"):
             raise ProtocolError(ErrorCode.UNSUPPORTED, "out-of-band responses (conversation != 'auto') are not "
                                 "supported", param="response.conversation", event_id=eid)
         if p.input:
             raise ProtocolError(ErrorCode.UNSUPPORTED, "response.input is not supported; add items with "
                                 "conversation.item.create", param="response.input", event_id=eid)
-        voice = _voice_name(p.voice) or (_voice_name(p.audio.output.voice) if p.audio and p.audio.output else None)
+        voice = voice_name(p.voice) or (voice_name(p.audio.output.voice) if p.audio and p.audio.output else None)
         if voice is not None and not is_stock_voice(voice) and (self.voice is None or voice != self.voice.name):
             raise ProtocolError(ErrorCode.UNSUPPORTED, "a per-response voice is not supported; change the voice "
                                 "with session.update", param="response.voice", event_id=eid)
         if p.audio and p.audio.output:
-            _check_format(p.audio.output.format, "response.audio.output.format", eid)
+            check_format(p.audio.output.format, "response.audio.output.format", eid)
         if modality == "audio":
             self._require_voice(eid)
         max_tokens = None
@@ -127,7 +121,7 @@ class Responses(Connection):
             id=new_id("resp"), item_id=new_id("item"), event_id=event_id,
             metadata=params.metadata if params else None,
             instructions=(params.instructions or None) if params else None,
-            max_frames=_max_frames(tokens, self.settings.default_max_frames), max_output_tokens=tokens,
+            max_frames=max_frames(tokens, self.settings.default_max_frames), max_output_tokens=tokens,
             sampling=self._sampling(params.temperature if params else None), modality=modality or self.modality,
         )
         self.response = resp

@@ -11,18 +11,19 @@ import asyncio
 import dataclasses
 import functools
 import logging
-from typing import Any
 
 from chroma_agent.engine.sampling import SamplingParams
 from chroma_agent.realtime_protocol import (
-    DEFAULT_TURN_DETECTION,
-    SAMPLE_RATE,
     ErrorCode,
-    Modality,
     ProtocolError,
     SessionUpdate,
-    TurnDetection,
-    VoiceRef,
+)
+from chroma_agent.realtime_protocol.rules import (
+    check_beta_format,
+    check_format,
+    output_modality,
+    turn_detection_config,
+    voice_name,
 )
 from chroma_agent.server.realtime.connection import Connection
 from chroma_agent.server.realtime.input_buffer import server_vad
@@ -38,37 +39,8 @@ from chroma_agent.voices import VoiceError, VoiceProfile
 log = logging.getLogger(__name__)
 
 
-def _voice_name(voice: str | VoiceRef | None) -> str | None:
-    return voice.id if isinstance(voice, VoiceRef) else voice
 
 
-def _check_format(fmt, param: str, event_id: str | None) -> None:
-    """GA format object: audio/pcm at 24 kHz (both may be omitted)."""
-    if fmt is None:
-        return
-    if (fmt.type not in (None, "audio/pcm")) or (fmt.rate not in (None, SAMPLE_RATE)):
-        raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO_FORMAT,
-                            f"unsupported audio format {fmt.model_dump(exclude_none=True)}: only "
-                            f"{{'type': 'audio/pcm', 'rate': {SAMPLE_RATE}}} (PCM16 mono) is supported",
-                            param=param, event_id=event_id)
-
-
-def _check_beta_format(value: str | None, param: str, event_id: str | None) -> None:
-    if value not in (None, "pcm16"):
-        raise ProtocolError(ErrorCode.UNSUPPORTED_AUDIO_FORMAT,
-                            f"unsupported audio format {value!r}: only 'pcm16' (24 kHz mono) is supported",
-                            param=param, event_id=event_id)
-
-
-def _modality(mods: list[str] | None, param: str, event_id: str | None) -> Modality | None:
-    """`output_modalities` / `modalities` -> "audio" (speech and its transcript) or "text" (text only)."""
-    if mods is None:
-        return None
-    unknown = [m for m in mods if m not in ("audio", "text")]
-    if unknown or not mods:
-        raise ProtocolError(ErrorCode.INVALID_VALUE, f"modalities must be ['audio'] or ['text'] (beta: ['audio', "
-                            f"'text'] or ['text']), got {mods!r}", param=param, event_id=event_id)
-    return "audio" if "audio" in mods else "text"
 
 
 class SessionConfig(Connection):
@@ -106,16 +78,6 @@ class SessionConfig(Connection):
                                 "or ask for a text reply (output_modalities ['text'])", param=self._voice_param(),
                                 event_id=event_id)
 
-    def _turn_detection(self, td: TurnDetection | None, param: str, event_id: str | None) -> dict[str, Any] | None:
-        if td is None or td.type in (None, "none"):
-            return None
-        if td.type not in ("server_vad", "semantic_vad"):
-            raise ProtocolError(ErrorCode.UNSUPPORTED, f"turn_detection type {td.type!r} is not supported "
-                                "(use null for client-side commits, or 'server_vad')", param=f"{param}.type",
-                                event_id=event_id)
-        # semantic_vad has no counterpart here; it runs as server_vad with the default timings.
-        given = {k: getattr(td, k) for k in DEFAULT_TURN_DETECTION if k != "type" and getattr(td, k) is not None}
-        return {**DEFAULT_TURN_DETECTION, **given}
 
     async def _session_update(self, event: SessionUpdate) -> None:
         s, eid = event.session, event.event_id
@@ -125,10 +87,10 @@ class SessionConfig(Connection):
             self._require_text(len(s.instructions), "session.instructions", eid)
         modality = self.modality
         for name in ("output_modalities", "modalities"):
-            modality = _modality(getattr(s, name), f"session.{name}", eid) or modality
-        _check_beta_format(s.input_audio_format, "session.input_audio_format", eid)
-        _check_beta_format(s.output_audio_format, "session.output_audio_format", eid)
-        voice_name = _voice_name(s.voice)
+            modality = output_modality(getattr(s, name), f"session.{name}", eid) or modality
+        check_beta_format(s.input_audio_format, "session.input_audio_format", eid)
+        check_beta_format(s.output_audio_format, "session.output_audio_format", eid)
+        wanted_voice = voice_name(s.voice)
         voice_param = "session.voice"
         td_given, td, td_param = False, None, "session.turn_detection"
         if "turn_detection" in fields:
@@ -136,18 +98,18 @@ class SessionConfig(Connection):
         audio = s.audio
         if audio is not None:
             if audio.input is not None:
-                _check_format(audio.input.format, "session.audio.input.format", eid)
+                check_format(audio.input.format, "session.audio.input.format", eid)
                 if "turn_detection" in audio.input.model_fields_set:
                     td_given, td, td_param = True, audio.input.turn_detection, "session.audio.input.turn_detection"
             if audio.output is not None:
-                _check_format(audio.output.format, "session.audio.output.format", eid)
+                check_format(audio.output.format, "session.audio.output.format", eid)
                 if audio.output.voice is not None:
-                    voice_name, voice_param = _voice_name(audio.output.voice), "session.audio.output.voice"
-        new_td = self._turn_detection(td, td_param, eid) if td_given else self.turn_detection
-        voice = await self._resolve_voice(voice_name, voice_param, eid) if voice_name else self.voice
-        if voice is None and voice_name:
+                    wanted_voice, voice_param = voice_name(audio.output.voice), "session.audio.output.voice"
+        new_td = turn_detection_config(td, td_param, eid) if td_given else self.turn_detection
+        voice = await self._resolve_voice(wanted_voice, voice_param, eid) if wanted_voice else self.voice
+        if voice is None and wanted_voice:
             log.info("realtime session %s: voice %r stands for the default voice, and none is configured",
-                     self.session_id, voice_name)
+                     self.session_id, wanted_voice)
         max_tokens = self.max_output_tokens
         for name in ("max_output_tokens", "max_response_output_tokens"):
             if name in fields:
