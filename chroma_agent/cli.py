@@ -22,11 +22,13 @@ from chroma_agent.config import (
     SettingsError,
     add_flags,
 )
+from chroma_agent.frames import FRAME_MS
 
 log = logging.getLogger("chroma_agent")
 
-MAX_FRAMES = 750  # 60 s
-TINY_MAX_FRAMES = round(TINY_MAX_REPLY_S / 0.08)  # random weights almost never stop by themselves
+MAX_FRAMES = int(60_000 / FRAME_MS)  # 60 s
+# random weights almost never stop by themselves; whole frames, as the engine counts its max_reply_s
+TINY_MAX_FRAMES = int(TINY_MAX_REPLY_S * 1000 / FRAME_MS)
 
 
 class UsageError(ValueError):
