@@ -438,14 +438,18 @@ def test_backend_cancel_and_truncate_before_the_reply_is_known_and_a_consumer_th
         done = events[-1]
         assert isinstance(done, ResponseDone) and done.text == "" and done.reason == "cancelled"
         assert all(isinstance(e, AudioChunk | TextDelta) for e in events[:-1])
-        assert server.history[-1]["role"] == "assistant" and server.history[-1]["text"] == ""
+        # The truncate can reach the server before it submitted the reply to its engine (then no assistant turn
+        # is made) or after (then the turn is there, cut to nothing): either way no word of it is in the context.
+        last = server.history[-1]
+        assert last["role"] == "user" or (last["role"] == "assistant" and last["text"] == ""), last
+        turns = len(server.history)
 
         # Cancelled before it was sent: nothing reaches the server.
         stream = conv.respond(instructions=None, max_seconds=GOLDEN_SECONDS, sampling=greedy)
         conv.cancel()
         events = await asyncio.wait_for(_collect(stream), 5)
         assert len(events) == 1 and events[0].reason == "cancelled" and events[0].usage.audio_frames == 0
-        assert len(server.history) == 2
+        assert len(server.history) == turns
 
         # A consumer that leaves early cancels the reply and waits for its end: the next one starts at once.
         stream = conv.respond(instructions=None, max_seconds=30, sampling=greedy)
@@ -453,7 +457,7 @@ def test_backend_cancel_and_truncate_before_the_reply_is_known_and_a_consumer_th
             if isinstance(event, AudioChunk):
                 break
         await asyncio.wait_for(stream.aclose(), 10)
-        assert not server.replying and len(server.history) == 3
+        assert not server.replying and len(server.history) == turns + 1
         stream = conv.respond(instructions="Answer briefly.", max_seconds=GOLDEN_SECONDS, sampling=greedy)
         events = await asyncio.wait_for(_collect(stream), 20)
         chunks = [e for e in events if isinstance(e, AudioChunk)]

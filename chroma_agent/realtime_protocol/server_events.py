@@ -443,33 +443,30 @@ class OutputItemEvent(ServerEvent):
     item: ItemBody
 
 
-class ContentPartEvent(ServerEvent):
-    """``response.content_part.added`` and ``.done``."""
+class _ContentEvent(ServerEvent):
+    """An event about one content part of a reply's output item (the fields OpenAI gives all of them)."""
 
     response_id: str
     item_id: str
     output_index: int = 0
     content_index: int = 0
+
+
+class ContentPartEvent(_ContentEvent):
+    """``response.content_part.added`` and ``.done``."""
+
     part: ContentBody
 
 
-class DeltaEvent(ServerEvent):
+class DeltaEvent(_ContentEvent):
     """A reply's audio (base64 PCM16), transcript or text delta."""
 
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     delta: str
 
 
-class PartDoneEvent(ServerEvent):
+class PartDoneEvent(_ContentEvent):
     """The end of a reply's audio (no body), transcript (``transcript``) or text (``text``)."""
 
-    response_id: str
-    item_id: str
-    output_index: int = 0
-    content_index: int = 0
     transcript: str | None = None
     text: str | None = None
 
