@@ -12,14 +12,22 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from chroma_agent.engine.conversation import Pending
 
-#: What waits in the queue: (session id, seq, apply, prepared value, preparation error, the caller's future).
-Command = tuple[str | None, int | None, Callable, Any, BaseException | None, Pending]
-#: A command of one session held until its turn: (apply, prepared value, preparation error, future).
-Held = tuple[Callable, Any, BaseException | None, Pending]
+
+class Command(NamedTuple):
+    """One command, prepared: `apply(session, value)` resolves `future` (or `error` from `prepare` does)."""
+
+    apply: Callable
+    value: Any
+    error: BaseException | None
+    future: Pending
+
+
+#: What waits in the queue: (session id, its caller's sequence number, the command).
+Queued = tuple[str | None, int | None, Command]
 
 
 def settle(future: concurrent.futures.Future, *, result: Any = None, exc: BaseException | None = None) -> bool:
@@ -34,35 +42,35 @@ def settle(future: concurrent.futures.Future, *, result: Any = None, exc: BaseEx
     return True
 
 
-def run_command(apply: Callable, session: Any, value: Any, exc: BaseException | None, future: Pending) -> None:
+def run_command(command: Command, session: Any) -> None:
     """Apply one command and resolve its future; a bad command fails its caller only."""
-    if exc is not None:
-        settle(future, exc=exc)
+    if command.error is not None:
+        settle(command.future, exc=command.error)
         return
     try:
-        result = apply(session, value)
+        result = command.apply(session, command.value)
     except Exception as error:
-        settle(future, exc=error)
+        settle(command.future, exc=error)
         return
-    settle(future, result=result)
+    settle(command.future, result=result)
 
 
 class CommandQueue:
     """Many producers (any thread or loop), one consumer (the engine thread)."""
 
     def __init__(self, pool: concurrent.futures.Executor):
-        self._queue: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
         self._pool = pool
 
     def post(self, session_id: str | None, seq: int | None, apply: Callable, prepare: Callable | None,
              future: Pending) -> None:
         if prepare is None:
-            self._queue.put((session_id, seq, apply, None, None, future))
+            self._queue.put((session_id, seq, Command(apply, None, None, future)))
             return
 
         def prepared(job: concurrent.futures.Future) -> None:
             exc = job.exception()
-            self._queue.put((session_id, seq, apply, None if exc else job.result(), exc, future))
+            self._queue.put((session_id, seq, Command(apply, None if exc else job.result(), exc, future)))
 
         try:
             self._pool.submit(prepare).add_done_callback(prepared)
@@ -73,7 +81,7 @@ class CommandQueue:
         """Make a waiting `drain` return (a no-op command)."""
         self._queue.put(None)
 
-    def drain(self, timeout: float | None) -> Iterator[Command]:
+    def drain(self, timeout: float | None) -> Iterator[Queued]:
         """The commands queued now; with a `timeout`, first wait up to that long for one."""
         try:
             item = self._queue.get(timeout=timeout) if timeout is not None else self._queue.get_nowait()
@@ -93,9 +101,9 @@ class InOrder:
 
     def __init__(self) -> None:
         self.next_seq = 0
-        self.held: dict[int, Held] = {}
+        self.held: dict[int, Command] = {}
 
-    def add(self, seq: int, command: Held) -> Iterator[Held]:
+    def add(self, seq: int, command: Command) -> Iterator[Command]:
         """Hold `command`; yield every command that is now due, in order."""
         self.held[seq] = command
         while self.next_seq in self.held:
@@ -105,6 +113,6 @@ class InOrder:
 
     def drop(self) -> list[Pending]:
         """Forget the held commands (the conversation closed); their futures, to be failed."""
-        futures = [future for _, _, _, future in self.held.values()]
+        futures = [command.future for command in self.held.values()]
         self.held.clear()
         return futures

@@ -214,19 +214,19 @@ class Engine:
         timeout = None
         if block:
             timeout = max(0.0, min(w[0] for w in self._waiters) - time.monotonic()) if self._waiters else 0.5
-        for sid, seq, *command in self._commands.drain(timeout):
+        for sid, seq, command in self._commands.drain(timeout):
             if sid is None:
-                run_command(command[0], None, *command[1:])
+                run_command(command, None)
                 continue
             session = self._sessions.get(sid)
             if session is None:
-                settle(command[-1], exc=ConversationError(f"conversation {sid} is closed"))
+                settle(command.future, exc=ConversationError(f"conversation {sid} is closed"))
                 continue
-            for apply, value, exc, future in session.commands.add(seq, tuple(command)):
+            for due in session.commands.add(seq, command):
                 if session.closed:
-                    settle(future, exc=ConversationError(f"conversation {sid} is closed"))
+                    settle(due.future, exc=ConversationError(f"conversation {sid} is closed"))
                 else:
-                    run_command(apply, session, value, exc, future)
+                    run_command(due, session)
 
     def _shutdown(self) -> None:
         for session in list(self._sessions.values()):
