@@ -176,7 +176,7 @@ def test_a_realtime_session_ends_at_its_maximum_duration_even_mid_reply(server):
 def test_the_maximum_duration_defaults_to_openais_hour():
     settings = ServerSettings()
     assert settings.realtime_max_session_s == 3600 and settings.realtime_idle_timeout_s == 120
-    from chroma_agent.server.realtime import _duration
+    from chroma_agent.server.realtime.connection import _duration
 
     assert _duration(3600) == "60 minutes" and _duration(60) == "1 minute" and _duration(90) == "90 s"
 

@@ -32,7 +32,6 @@ from chroma_agent.realtime_protocol import (
     ResponseCreate,
     SessionUpdate,
 )
-from chroma_agent.server.realtime.connection import _duration as _duration  # read here by tests
 from chroma_agent.server.realtime.input_buffer import InputBuffer
 from chroma_agent.server.realtime.items import Items
 from chroma_agent.server.realtime.responses import Responses
