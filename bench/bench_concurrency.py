@@ -31,18 +31,17 @@ import numpy as np
 import soundfile as sf
 import torch
 
+# a sibling script: Python puts this folder on the path when it runs `python bench/<script>.py`
+from bench_generate import DEFAULT_TINY, machine_info
+
 from chroma_agent.engine.engine import Engine, EngineConfig
 from chroma_agent.engine.events import AudioChunk, ResponseDone, ResponseError
 from chroma_agent.engine.sampling import SamplingParams
+from chroma_agent.frames import FRAME_S
 from chroma_agent.model.chroma import ChromaModel
 from chroma_agent.model.processor import ChromaProcessor
 from chroma_agent.voices import VoiceStore
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from bench_generate import DEFAULT_TINY, machine_info  # noqa: E402
-
-FRAME_S = 0.08
 # A frame later than this past its playing time is an audible gap (a player keeps at least 20 ms of jitter
 # buffer; below it, this loop's own sleep jitter would count).
 LATE_S = 0.02

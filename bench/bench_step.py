@@ -28,6 +28,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+
+# a sibling script: Python puts this folder on the path when it runs `python bench/<script>.py`
+from bench_generate import DEFAULT_TINY, ReferenceLoop, load_golden, machine_info
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chroma_agent.engine.engine import Engine, EngineConfig
@@ -39,10 +42,6 @@ from chroma_agent.engine.step import DecodeBatch
 from chroma_agent.model.chroma import ChromaModel
 from chroma_agent.model.processor import ChromaProcessor
 from chroma_agent.voices import VoiceStore, create_voice_profile
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-from bench_generate import DEFAULT_TINY, ReferenceLoop, load_golden, machine_info  # noqa: E402
 
 
 class OpCounter(TorchDispatchMode):

@@ -41,30 +41,34 @@ _EXPORTS = {
 __all__ = ["__version__", *sorted(_EXPORTS)]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:  # what type checkers and editors see; at run time the names resolve lazily (above)
-    from chroma_agent.audio import AudioError  # noqa: F401
-    from chroma_agent.engine.conversation import (  # noqa: F401
-        ContextView,
-        Conversation,
-        ConversationError,
-        Pending,
-        Response,
-        TurnInfo,
-        TurnRef,
+if TYPE_CHECKING:  # for type checkers and editors (`X as X`: a re-export); at run time: lazily, above
+    from chroma_agent.audio import AudioError as AudioError
+    from chroma_agent.engine.conversation import (
+        ContextView as ContextView,
+        Conversation as Conversation,
+        ConversationError as ConversationError,
+        Pending as Pending,
+        Response as Response,
+        TurnInfo as TurnInfo,
+        TurnRef as TurnRef,
     )
-    from chroma_agent.engine.engine import Engine, EngineBusyError, EngineConfig  # noqa: F401
-    from chroma_agent.engine.events import (  # noqa: F401
-        AudioChunk,
-        ResponseDone,
-        ResponseError,
-        ResponseEvent,
-        TextDelta,
-        Timings,
-        Usage,
+    from chroma_agent.engine.engine import (
+        Engine as Engine,
+        EngineBusyError as EngineBusyError,
+        EngineConfig as EngineConfig,
     )
-    from chroma_agent.engine.params import SamplingParams  # noqa: F401
-    from chroma_agent.model.config import ConfigError  # noqa: F401
-    from chroma_agent.model.loading import CheckpointError  # noqa: F401
-    from chroma_agent.voices.names import UnknownVoiceError, VoiceError  # noqa: F401
-    from chroma_agent.voices.profile import VoiceProfile  # noqa: F401
-    from chroma_agent.voices.store import VoiceStore  # noqa: F401
+    from chroma_agent.engine.events import (
+        AudioChunk as AudioChunk,
+        ResponseDone as ResponseDone,
+        ResponseError as ResponseError,
+        ResponseEvent as ResponseEvent,
+        TextDelta as TextDelta,
+        Timings as Timings,
+        Usage as Usage,
+    )
+    from chroma_agent.engine.params import SamplingParams as SamplingParams
+    from chroma_agent.model.config import ConfigError as ConfigError
+    from chroma_agent.model.loading import CheckpointError as CheckpointError
+    from chroma_agent.voices.names import UnknownVoiceError as UnknownVoiceError, VoiceError as VoiceError
+    from chroma_agent.voices.profile import VoiceProfile as VoiceProfile
+    from chroma_agent.voices.store import VoiceStore as VoiceStore

@@ -18,8 +18,14 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chroma_agent.config import SOURCES as ALL_SOURCES
-from chroma_agent.config import EngineSettings, SettingsError, describe, optional_voice_name, validate_url
+from chroma_agent.config import (
+    SOURCES as ALL_SOURCES,
+    EngineSettings,
+    SettingsError,
+    describe,
+    optional_voice_name,
+    validate_url,
+)
 from chroma_agent.engine.params import MAX_TEMPERATURE, check_temperature
 
 log = logging.getLogger("chroma_agent.worker")

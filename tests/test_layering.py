@@ -212,3 +212,22 @@ def test_modules_stay_small_or_say_why():
         if lines > 600 and "lines" not in doc:
             long.append(f"{module}: {lines} lines")
     assert long == [], "split these, or say in the docstring why they are long (mention 'lines')"
+
+
+LAZY_PACKAGES = sorted(m for m, path in MODULES.items() if path.name == "__init__.py" and _lazy_exports(m))
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_what_type_checkers_see_is_what_the_package_exports(package):
+    """A lazy package lists its names twice: `_EXPORTS` (resolved at run time) and the `if TYPE_CHECKING:`
+    re-exports (for type checkers and editors). Both must name the same things from the same modules."""
+    tree = ast.parse(MODULES[package].read_text())
+    seen = {}
+    for node in tree.body:
+        if isinstance(node, ast.If) and _type_checking(node):
+            for imp in node.body:
+                assert isinstance(imp, ast.ImportFrom), ast.dump(imp)
+                for alias in imp.names:
+                    assert alias.asname == alias.name, f"{alias.name}: re-export it as `{alias.name} as {alias.name}`"
+                    seen[alias.name] = imp.module
+    assert seen == _lazy_exports(package)

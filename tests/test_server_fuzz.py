@@ -13,8 +13,7 @@ import httpx
 import pytest
 import schemathesis
 import websockets.sync.client as ws_client
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error

@@ -69,11 +69,14 @@ def backbone_capacity(prefix_len: int, max_frames: int) -> int:
 _STEPS: dict[tuple, tuple[DecodeBatch, StepRunner]] = {}
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def _one_row(model: ChromaModel, thinker_slots: int, backbone_slots: int, mode: str | None) -> tuple[DecodeBatch, StepRunner]:
     """A one-row batch and its step runner, kept for the next reply of similar size: capacities are rounded
     up to 512 slots so replies share shapes, and a compiled or captured step is built once, not per reply."""
-    round_up = lambda n: -(-n // 512) * 512  # noqa: E731
-    key = (id(model), round_up(thinker_slots), round_up(backbone_slots), mode)
+    key = (id(model), _round_up(thinker_slots, 512), _round_up(backbone_slots, 512), mode)
     if key not in _STEPS:
         while len(_STEPS) >= 2:  # each holds KV caches: keep the two latest shapes
             _STEPS.pop(next(iter(_STEPS)))

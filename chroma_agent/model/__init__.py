@@ -20,9 +20,9 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:  # what type checkers and editors see; at run time the names resolve lazily (above)
-    from chroma_agent.model.chroma import ChromaModel  # noqa: F401
-    from chroma_agent.model.config import ChromaConfig, ConfigError  # noqa: F401
-    from chroma_agent.model.kv_cache import KVCache  # noqa: F401
-    from chroma_agent.model.loading import CheckpointError  # noqa: F401
-    from chroma_agent.model.processor import ChromaProcessor  # noqa: F401
+if TYPE_CHECKING:  # for type checkers and editors (`X as X`: a re-export); at run time: lazily, above
+    from chroma_agent.model.chroma import ChromaModel as ChromaModel
+    from chroma_agent.model.config import ChromaConfig as ChromaConfig, ConfigError as ConfigError
+    from chroma_agent.model.kv_cache import KVCache as KVCache
+    from chroma_agent.model.loading import CheckpointError as CheckpointError
+    from chroma_agent.model.processor import ChromaProcessor as ChromaProcessor

@@ -27,23 +27,32 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
-if TYPE_CHECKING:  # what type checkers and editors see; at run time the names resolve lazily (above)
-    from chroma_agent.voices.clone import (  # noqa: F401
-        MAX_CLIP_SECONDS,
-        MAX_TRANSCRIPT_CHARS,
-        MIN_CLIP_SECONDS,
-        VoiceClip,
-        create_voice_profile,
-        finish_voice_profile,
-        prepare_voice_clip,
+if TYPE_CHECKING:  # for type checkers and editors (`X as X`: a re-export); at run time: lazily, above
+    from chroma_agent.voices.clone import (
+        MAX_CLIP_SECONDS as MAX_CLIP_SECONDS,
+        MAX_TRANSCRIPT_CHARS as MAX_TRANSCRIPT_CHARS,
+        MIN_CLIP_SECONDS as MIN_CLIP_SECONDS,
+        VoiceClip as VoiceClip,
+        create_voice_profile as create_voice_profile,
+        finish_voice_profile as finish_voice_profile,
+        prepare_voice_clip as prepare_voice_clip,
     )
-    from chroma_agent.voices.names import MAX_NAME_CHARS, UnknownVoiceError, VoiceError, validate_voice_name  # noqa: F401
-    from chroma_agent.voices.profile import (  # noqa: F401
-        FORMAT,
-        FORMAT_VERSION,
-        SUFFIX,
-        VoiceProfile,
-        content_id,
-        fingerprint,
+    from chroma_agent.voices.names import (
+        MAX_NAME_CHARS as MAX_NAME_CHARS,
+        UnknownVoiceError as UnknownVoiceError,
+        VoiceError as VoiceError,
+        validate_voice_name as validate_voice_name,
     )
-    from chroma_agent.voices.store import DEFAULT_DIR, ENV_DIR, VoiceStore  # noqa: F401
+    from chroma_agent.voices.profile import (
+        FORMAT as FORMAT,
+        FORMAT_VERSION as FORMAT_VERSION,
+        SUFFIX as SUFFIX,
+        VoiceProfile as VoiceProfile,
+        content_id as content_id,
+        fingerprint as fingerprint,
+    )
+    from chroma_agent.voices.store import (
+        DEFAULT_DIR as DEFAULT_DIR,
+        ENV_DIR as ENV_DIR,
+        VoiceStore as VoiceStore,
+    )
