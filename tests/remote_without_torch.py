@@ -9,18 +9,15 @@ protocol, the realtime client, the plugin's remote mode, the public API package,
 from __future__ import annotations
 
 import asyncio
+import importlib
+import importlib.util
 import json
 import sys
 
 
 def main() -> None:
     url, key, wav, prompt, frames = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        has_torch = False
-    else:
-        has_torch = True
+    has_torch = importlib.util.find_spec("torch") is not None
 
     import soundfile as sf
     from livekit import rtc
@@ -28,8 +25,9 @@ def main() -> None:
 
     import chroma_agent
     import chroma_agent.cli
-    import chroma_agent.realtime_protocol  # noqa: F401
-    import chroma_agent.worker  # noqa: F401  (the packaged worker, as `start --server-url` runs it)
+    # importable without torch: the protocol, and the packaged worker as `start --server-url` runs it
+    for name in ("chroma_agent.realtime_protocol", "chroma_agent.worker"):
+        importlib.import_module(name)
     from chroma_agent.frames import FRAME_S
 
     samples, rate = sf.read(wav, dtype="int16")
