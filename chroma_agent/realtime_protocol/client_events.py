@@ -3,7 +3,6 @@ builders for the client events a remote client sends (:class:`ClientEvents`)."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union
 
@@ -15,6 +14,8 @@ from chroma_agent.realtime_protocol.wire import (
     ClientEventType,
     ErrorCode,
     ProtocolError,
+    decode_json,
+    given,
     new_id,
     pcm_to_b64,
 )
@@ -246,13 +247,7 @@ def parse_client_event(raw: str | bytes | Mapping[str, Any]) -> ClientEvent:
     ``unsupported_feature``, ``missing_required_parameter``, ``invalid_type`` or ``invalid_value``; the error
     carries the message's ``event_id`` when it had a readable one.
     """
-    if isinstance(raw, str | bytes):
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise ProtocolError(ErrorCode.INVALID_JSON, f"message is not valid JSON: {exc}") from None
-    else:
-        data = raw
+    data = decode_json(raw, "message")
     if not isinstance(data, Mapping):
         raise ProtocolError(ErrorCode.INVALID_EVENT, "a client event must be a JSON object")
     event_id = data.get("event_id")
@@ -298,12 +293,7 @@ class ClientEvents:
         if voice is not None:
             audio_out["voice"] = voice
         session["audio"] = {"input": audio_in, "output": audio_out}
-        if instructions is not None:
-            session["instructions"] = instructions
-        if max_output_tokens is not None:
-            session["max_output_tokens"] = max_output_tokens
-        if temperature is not None:
-            session["temperature"] = temperature
+        session |= given(instructions=instructions, max_output_tokens=max_output_tokens, temperature=temperature)
         return cls._event(ClientEventType.SESSION_UPDATE, event_id, session=session)
 
     @classmethod
@@ -359,15 +349,8 @@ class ClientEvents:
     def response_create(cls, *, instructions: str | None = None, metadata: dict[str, str] | None = None,
                         max_output_tokens: int | str | None = None, output_modalities: list[str] | None = None,
                         event_id: str | None = None) -> dict[str, Any]:
-        response: dict[str, Any] = {}
-        if output_modalities is not None:
-            response["output_modalities"] = list(output_modalities)
-        if instructions is not None:
-            response["instructions"] = instructions
-        if metadata is not None:
-            response["metadata"] = metadata
-        if max_output_tokens is not None:
-            response["max_output_tokens"] = max_output_tokens
+        response = given(output_modalities=None if output_modalities is None else list(output_modalities),
+                         instructions=instructions, metadata=metadata, max_output_tokens=max_output_tokens)
         return cls._event(ClientEventType.RESPONSE_CREATE, event_id, response=response)
 
     @classmethod

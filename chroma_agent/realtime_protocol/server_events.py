@@ -4,7 +4,6 @@ model, in both dialects, so the two cannot drift apart."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +19,7 @@ from chroma_agent.realtime_protocol.wire import (
     ProtocolError,
     ServerEventType,
     beta_name,
+    decode_json,
     ga_name,
     new_id,
     pcm_to_b64,
@@ -506,13 +506,7 @@ def parse_server_event(raw: str | bytes | Mapping[str, Any]) -> ServerEvent:
     set to the GA name; an event type not listed in :data:`SERVER_EVENT_MODELS` comes back as a plain
     :class:`ServerEvent`. Raises :class:`ProtocolError` (``invalid_json`` / ``invalid_event``) for a message
     that is not a server event or whose body does not have the fields its type requires."""
-    if isinstance(raw, str | bytes):
-        try:
-            data = json.loads(raw)
-        except (ValueError, RecursionError) as exc:
-            raise ProtocolError(ErrorCode.INVALID_JSON, f"server message is not valid JSON: {exc}") from None
-    else:
-        data = raw
+    data = decode_json(raw, "server message")
     if not isinstance(data, Mapping) or not isinstance(data.get("type"), str):
         raise ProtocolError(ErrorCode.INVALID_EVENT, "a server event must be a JSON object with a string 'type'")
     kind = ga_name(data["type"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import uuid
 from collections.abc import Mapping
@@ -86,6 +87,21 @@ def b64_to_pcm(data: Any, *, param: str = "audio", max_bytes: int | None = None,
                             f"'{param}' must be 16-bit PCM: an even number of bytes, got {len(pcm)}",
                             param=param, event_id=event_id)
     return pcm
+
+
+def decode_json(raw: str | bytes | Mapping[str, Any], what: str) -> Any:
+    """A message as JSON text or an already-decoded object -> the object (`what` names it in the error)."""
+    if not isinstance(raw, str | bytes):
+        return raw
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"{what} is not valid JSON: {exc}") from None
+
+
+def given(**fields: Any) -> dict[str, Any]:
+    """The fields that are not None (an event body leaves out what the caller did not set)."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def new_id(prefix: str) -> str:
