@@ -147,6 +147,28 @@ def make_engine(tiny_parts, tmp_path):
         eng.close()
 
 
+@pytest.fixture()
+def start_server(make_engine, golden_voice):
+    """start_server(slots=2, engine_config=None, **settings) -> a started ServerThread on a tiny engine whose
+    default voice is the golden one (`.engine` reaches it); every server started is stopped after the test."""
+    from chroma_agent.server.app import create_app
+    from chroma_agent.server.runner import ServerThread
+    from chroma_agent.server.settings import ServerSettings
+
+    started = []
+
+    def start(slots: int = 2, engine_config: dict | None = None, **settings):
+        engine = make_engine(golden_default_voice=golden_voice, **{"max_sessions": slots, **(engine_config or {})})
+        running = ServerThread(create_app(engine, ServerSettings(**settings))).start()
+        running.engine = engine
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
 class EngineState:
     """A conversation's engine-side state, read on the engine thread (the only thread that may touch it).
 

@@ -20,26 +20,10 @@ import pytest
 import soundfile as sf
 import websockets.sync.client as ws_client
 
-from chroma_agent.server.app import create_app
 from chroma_agent.server.memory import MemoryTrimmer, limit_heap_growth
-from chroma_agent.server.runner import ServerThread
-from chroma_agent.server.settings import ServerSettings
 
 SECOND = 24000 * 2  # bytes of PCM16 24 kHz mono
 
-
-@pytest.fixture()
-def server(make_engine, golden_voice):
-    def start(**settings) -> ServerThread:
-        engine = make_engine(golden_default_voice=golden_voice, max_sessions=2)
-        running = ServerThread(create_app(engine, ServerSettings(**settings))).start()
-        started.append(running)
-        return running
-
-    started: list[ServerThread] = []
-    yield start
-    for running in started:
-        running.stop()
 
 
 def _recv_type(ws, kind: str) -> dict:
@@ -50,8 +34,8 @@ def _recv_type(ws, kind: str) -> dict:
     raise AssertionError(f"no {kind} event")
 
 
-def test_a_full_realtime_buffer_names_its_real_limit(server):
-    running = server(max_audio_seconds=1)
+def test_a_full_realtime_buffer_names_its_real_limit(start_server):
+    running = start_server(max_audio_seconds=1)
     with ws_client.connect(running.url.replace("http://", "ws://") + "/v1/realtime") as ws:
         _recv_type(ws, "session.created")
         # without server VAD the buffer keeps everything appended (VAD keeps only the padding between turns)
@@ -79,8 +63,8 @@ def test_a_full_realtime_buffer_names_its_real_limit(server):
     ("max_tokens", True), ("max_tokens", "4"), ("max_tokens", 4.0), ("max_completion_tokens", False),
     ("stream", "yes"), ("stream", 1), ("stream", "true"),
 ])
-def test_numbers_and_flags_are_not_coerced(server, field, value):
-    running = server()
+def test_numbers_and_flags_are_not_coerced(start_server, field, value):
+    running = start_server()
     payload = {"model": "chroma", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, field: value}
     r = httpx.post(f"{running.url}/v1/chat/completions", json=payload, timeout=30)
     assert r.status_code == 400, r.text[:300]
@@ -139,8 +123,8 @@ def _float_wav(x: np.ndarray, rate: int) -> bytes:
     return buf.getvalue()
 
 
-def test_the_heap_is_trimmed_after_large_requests_and_websocket_sessions(server):
-    running = server()
+def test_the_heap_is_trimmed_after_large_requests_and_websocket_sessions(start_server):
+    running = start_server()
     trimmer = running.server.config.app.state.memory_trimmer
     assert trimmer.available  # glibc
     trimmer.min_interval_s = 0.0

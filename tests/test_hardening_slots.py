@@ -17,28 +17,11 @@ import websockets.sync.client as ws_client
 from abuse import chat, no_vad, pcm24_noise_b64, recv_type, text_item, wait_until, ws_url
 from websockets.exceptions import ConnectionClosed
 
-from chroma_agent.server.app import create_app
-from chroma_agent.server.runner import ServerThread
 from chroma_agent.server.settings import ServerSettings
 
 LONG_STREAM = {"model": "chroma", "stream": True, "return_audio": True, "max_tokens": 750,
                "messages": [{"role": "user", "content": "Tell me a long story."}]}
 
-
-@pytest.fixture()
-def server(make_engine, golden_voice):
-    started: list[ServerThread] = []
-
-    def start(slots: int = 2, **settings) -> ServerThread:
-        engine = make_engine(golden_default_voice=golden_voice, max_sessions=slots)
-        running = ServerThread(create_app(engine, ServerSettings(**settings))).start()
-        running.engine = engine
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 def _post_and_never_read(url: str, payload: dict) -> socket.socket:
@@ -56,10 +39,10 @@ def _post_and_never_read(url: str, payload: dict) -> socket.socket:
 # --- HTTP streams --------------------------------------------------------------------------------------------
 
 
-def test_streams_whose_client_stops_reading_are_cancelled_and_free_their_slot(server, caplog):
+def test_streams_whose_client_stops_reading_are_cancelled_and_free_their_slot(start_server, caplog):
     """Before: four such streams held all four slots for as long as watched (90 s) and every other request got
     503. Now each is cancelled once its client is `stream_stall_s` behind what the buffers hold."""
-    running = server(stream_stall_s=1.0)
+    running = start_server(stream_stall_s=1.0)
     engine = running.engine
     caplog.set_level(logging.WARNING, logger="chroma_agent.server.chat")
     socks = [_post_and_never_read(running.url, LONG_STREAM) for _ in range(2)]
@@ -93,10 +76,10 @@ def _assert_dropped(sock: socket.socket) -> None:
     raise AssertionError("the stalled connection is still open")
 
 
-def test_a_listener_reading_in_real_time_is_never_cut_off(server):
+def test_a_listener_reading_in_real_time_is_never_cut_off(start_server):
     """The stall guard counts waiting against the audio taken: a client that plays the stream as it comes (one
     frame per 80 ms) gets the whole reply even with a 0.5 s stall budget."""
-    running = server(stream_stall_s=0.5)
+    running = start_server(stream_stall_s=0.5)
     payload = {**LONG_STREAM, "max_tokens": 100, "audio_format": "pcm16"}
     frames = 0
     with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=payload, timeout=60) as r:
@@ -112,9 +95,9 @@ def test_a_listener_reading_in_real_time_is_never_cut_off(server):
     assert frames == 100
 
 
-def test_a_slow_server_never_counts_against_the_client(server):
+def test_a_slow_server_never_counts_against_the_client(start_server):
     """A reply made slower than real time (the engine's pacing cannot fill any buffer) is never cancelled."""
-    running = server(stream_stall_s=0.2)
+    running = start_server(stream_stall_s=0.2)
     payload = {**LONG_STREAM, "max_tokens": 40, "return_audio": False, "modalities": ["text"]}
     with httpx.stream("POST", f"{running.url}/v1/chat/completions", json=payload, timeout=60) as r:
         lines = [line for line in r.iter_lines() if line]
@@ -124,9 +107,9 @@ def test_a_slow_server_never_counts_against_the_client(server):
 # --- realtime: idle, maximum duration, stalled clients --------------------------------------------------------
 
 
-def test_an_idle_realtime_session_ends_as_openai_ends_an_expired_one(server):
+def test_an_idle_realtime_session_ends_as_openai_ends_an_expired_one(start_server):
     """Before: four idle connections held every slot for over 70 s. Now: error session_expired, close 1001."""
-    running = server(realtime_idle_timeout_s=1.0)
+    running = start_server(realtime_idle_timeout_s=1.0)
     with ws_client.connect(ws_url(running.url)) as ws:
         recv_type(ws, "session.created")
         # activity keeps it alive: a client event every 0.4 s for 2.5 s
@@ -146,8 +129,8 @@ def test_an_idle_realtime_session_ends_as_openai_ends_an_expired_one(server):
     assert wait_until(lambda: running.engine.free_slots == 2, 5)
 
 
-def test_a_realtime_session_ends_at_its_maximum_duration_even_mid_reply(server):
-    running = server(realtime_max_session_s=2.0, realtime_idle_timeout_s=None)
+def test_a_realtime_session_ends_at_its_maximum_duration_even_mid_reply(start_server):
+    running = start_server(realtime_max_session_s=2.0, realtime_idle_timeout_s=None)
     with ws_client.connect(ws_url(running.url), max_size=None) as ws:
         t0 = time.monotonic()
         recv_type(ws, "session.created")
@@ -205,8 +188,8 @@ def _realtime_and_never_read(url: str, *events: str) -> socket.socket:
     return sock
 
 
-def test_a_realtime_client_that_stops_reading_mid_reply_loses_its_session(server, caplog):
-    running = server(stream_stall_s=1.0)
+def test_a_realtime_client_that_stops_reading_mid_reply_loses_its_session(start_server, caplog):
+    running = start_server(stream_stall_s=1.0)
     caplog.set_level(logging.WARNING, logger="chroma_agent.server.realtime")
     sock = _realtime_and_never_read(running.url, text_item("Tell me a long story."),
                                     json.dumps({"type": "response.create", "response": {"max_output_tokens": 750}}))
@@ -226,10 +209,10 @@ def test_a_realtime_client_that_stops_reading_mid_reply_loses_its_session(server
 # --- waiting for a slot ---------------------------------------------------------------------------------------
 
 
-def test_waiting_for_a_slot_holds_no_thread_and_is_first_come_first_served(server):
+def test_waiting_for_a_slot_holds_no_thread_and_is_first_come_first_served(start_server):
     """Before: 12 waiters each held a thread of the default executor; a live session's commit took 9.5 s instead
     of 4 ms, and slots freed at 8.0 s were handed out only when the waiters timed out at 10.0 s."""
-    running = server(slots=2, session_wait_s=20.0)
+    running = start_server(slots=2, session_wait_s=20.0)
     url = ws_url(running.url)
     order: list[int] = []
     created_at: dict[int, float] = {}

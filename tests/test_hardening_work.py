@@ -30,26 +30,7 @@ from abuse import (
 from conftest import engine_sessions
 
 from chroma_agent.engine.context import ContextError, ThinkerContext, Turn
-from chroma_agent.server.app import create_app
-from chroma_agent.server.runner import ServerThread
 from chroma_agent.server.settings import ServerSettings
-
-
-@pytest.fixture()
-def server(make_engine, golden_voice):
-    """server(engine_config=..., **settings) -> ServerThread; the engine is reachable as `.engine`."""
-    started: list[ServerThread] = []
-
-    def start(engine_config: dict | None = None, **settings) -> ServerThread:
-        engine = make_engine(golden_default_voice=golden_voice, **{"max_sessions": 2, **(engine_config or {})})
-        running = ServerThread(create_app(engine, ServerSettings(**settings))).start()
-        running.engine = engine
-        started.append(running)
-        return running
-
-    yield start
-    for running in started:
-        running.stop()
 
 
 def _context_error(response, param: str) -> str:
@@ -62,20 +43,20 @@ def _context_error(response, param: str) -> str:
 # --- chat: messages, text, audio ---------------------------------------------------------------------------
 
 
-def test_messages_per_request_are_capped_by_max_messages(server):
-    running = server()
+def test_messages_per_request_are_capped_by_max_messages(start_server):
+    running = start_server()
     many = [{"role": "user", "content": "hi"}] * 2049  # one beyond the default
     error = error_of(chat(running.url, messages=many), 400)
     assert error["code"] == "too_many_messages" and error["param"] == "messages", error
     assert "2049 messages" in error["message"] and "max_messages" in error["message"], error
-    small = server(max_messages=3)
+    small = start_server(max_messages=3)
     assert "at most 3" in error_of(chat(small.url, messages=many[:4]), 400)["message"]
     assert chat(small.url, messages=many[:3]).status_code == 200
 
 
-def test_a_chat_request_with_2048_short_messages_is_served_quickly(server):
+def test_a_chat_request_with_2048_short_messages_is_served_quickly(start_server):
     """2,048 turns are built in one pass each on the server and in the engine; the context keeps what fits."""
-    running = server()
+    running = start_server()
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"message {i}"} for i in range(2047)]
     t0 = time.perf_counter()
     r = chat(running.url, messages=[*messages, {"role": "user", "content": "last"}])
@@ -84,15 +65,15 @@ def test_a_chat_request_with_2048_short_messages_is_served_quickly(server):
     assert r.json()["usage"]["prompt_tokens"] <= running.engine.config.thinker_context
 
 
-def test_text_is_capped_per_message_and_per_request_before_it_is_tokenized(server):
-    running = server()
+def test_text_is_capped_per_message_and_per_request_before_it_is_tokenized(start_server):
+    running = start_server()
     t0 = time.perf_counter()
     error = error_of(chat(running.url, messages=[{"role": "user", "content": "word " * 400_000}]), 400)  # 2 MB
     assert time.perf_counter() - t0 < 2  # refused from its length: nothing was tokenized
     assert error["code"] == "text_too_long" and error["param"] == "messages[0].content", error
     assert "32768" in error["message"] and "max_turn_chars" in error["message"], error
 
-    small = server(max_turn_chars=1000, max_request_chars=2500)
+    small = start_server(max_turn_chars=1000, max_request_chars=2500)
     parts = [{"type": "text", "text": "a" * 400}] * 3  # a message's text parts count together
     error = error_of(chat(small.url, messages=[{"role": "user", "content": parts}]), 400)
     assert error["param"] == "messages[0].content[2]" and "max_turn_chars" in error["message"], error
@@ -104,8 +85,8 @@ def test_text_is_capped_per_message_and_per_request_before_it_is_tokenized(serve
     assert chat(small.url, messages=messages[:2]).status_code == 200
 
 
-def test_audio_is_capped_per_message_and_per_request(server):
-    running = server(max_audio_seconds=10, max_request_audio_seconds=15)
+def test_audio_is_capped_per_message_and_per_request(start_server):
+    running = start_server(max_audio_seconds=10, max_request_audio_seconds=15)
     clip = {"type": "audio", "audio": b64(wav(noise(6), 16000))}
     error = error_of(chat(running.url, messages=[{"role": "user", "content": [clip, clip]}]), 400)
     assert error["code"] == "invalid_audio" and error["param"] == "messages[0].content[1]", error
@@ -116,11 +97,11 @@ def test_audio_is_capped_per_message_and_per_request(server):
     assert chat(running.url, messages=three[:2]).status_code == 200
 
 
-def test_turns_that_cannot_fit_the_context_are_400s_that_say_so(server):
+def test_turns_that_cannot_fit_the_context_are_400s_that_say_so(start_server):
     """The issue's 500s (IndexError): 2 MB of text, 200-299 s of audio, ten 30 s parts. Each is a 400 naming
     the context, and the server answers the next request."""
     # let 2 MB of text reach the context check
-    running = server(max_turn_chars=4 * 1024 * 1024, max_request_chars=4 * 1024 * 1024)
+    running = start_server(max_turn_chars=4 * 1024 * 1024, max_request_chars=4 * 1024 * 1024)
     url = running.url
     _context_error(chat(url, messages=[{"role": "user", "content": "word " * 400_000}]), "messages[0].content")
     _context_error(chat(url, messages=[{"role": "user", "content": "word " * 6_000}]), "messages[0].content")
@@ -130,7 +111,7 @@ def test_turns_that_cannot_fit_the_context_are_400s_that_say_so(server):
     part = {"type": "audio", "audio": b64(wav(noise(30), 16000))}
     _context_error(chat(url, messages=[{"role": "user", "content": [part] * 10}]), "messages[0].content")
     # A turn that fits alone but leaves no room for the reply is refused when the reply starts.
-    tight = server(engine_config={"thinker_context": 256})
+    tight = start_server(engine_config={"thinker_context": 256})
     message = _context_error(chat(tight.url, max_tokens=200, return_audio=True,
                                   messages=[{"role": "user", "content": "word " * 60}]), "messages")
     assert "room for the reply" in message
@@ -141,9 +122,9 @@ def test_turns_that_cannot_fit_the_context_are_400s_that_say_so(server):
 # --- realtime: items and turns that cannot fit -------------------------------------------------------------
 
 
-def test_realtime_turns_that_cannot_fit_are_errors_that_say_so(server):
-    running = server(max_turn_chars=4 * 1024 * 1024, max_request_chars=4 * 1024 * 1024)
-    default = server()
+def test_realtime_turns_that_cannot_fit_are_errors_that_say_so(start_server):
+    running = start_server(max_turn_chars=4 * 1024 * 1024, max_request_chars=4 * 1024 * 1024)
+    default = start_server()
     with ws_client.connect(ws_url(default.url), max_size=None) as ws:
         recv_type(ws, "session.created")
         ws.send(text_item("word " * 245_000, event_id="big"))  # 1.2 MB
@@ -170,8 +151,8 @@ def test_realtime_turns_that_cannot_fit_are_errors_that_say_so(server):
         assert recv_type(ws, "response.done", timeout=60)["response"]["status"] in ("completed", "incomplete")
 
 
-def test_a_realtime_reply_without_room_fails_alone_and_keeps_the_history(server):
-    running = server(engine_config={"thinker_context": 256})
+def test_a_realtime_reply_without_room_fails_alone_and_keeps_the_history(start_server):
+    running = start_server(engine_config={"thinker_context": 256})
     with ws_client.connect(ws_url(running.url)) as ws:
         recv_type(ws, "session.created")
         no_vad(ws)
@@ -189,8 +170,8 @@ def test_a_realtime_reply_without_room_fails_alone_and_keeps_the_history(server)
         assert [t.id for t in state.turns] == before  # nothing was dropped for a reply that could not start
 
 
-def test_items_per_realtime_conversation_are_capped_by_max_items(server):
-    running = server(max_items=3)
+def test_items_per_realtime_conversation_are_capped_by_max_items(start_server):
+    running = start_server(max_items=3)
     with ws_client.connect(ws_url(running.url)) as ws:
         recv_type(ws, "session.created")
         no_vad(ws)
@@ -208,9 +189,9 @@ def test_items_per_realtime_conversation_are_capped_by_max_items(server):
         recv_type(ws, "conversation.item.retrieved")
 
 
-def test_max_items_never_stops_a_long_conversation(server):
+def test_max_items_never_stops_a_long_conversation(start_server):
     """Items whose turns the context dropped are forgotten after each reply, so a long call never hits the cap."""
-    running = server(max_items=10, engine_config={"thinker_context": 256})
+    running = start_server(max_items=10, engine_config={"thinker_context": 256})
     with ws_client.connect(ws_url(running.url)) as ws:
         recv_type(ws, "session.created")
         no_vad(ws)
@@ -285,9 +266,9 @@ def test_turns_added_without_a_reply_never_pile_up(tiny_parts):
     assert len(ctx) <= 2 * 1024 and ctx.turns[0].instructions  # the instructions stay
 
 
-def test_the_realtime_reader_keeps_every_message_in_order(server):
+def test_the_realtime_reader_keeps_every_message_in_order(start_server):
     """Messages queued by the reader are handled in the order they came, errors included."""
-    running = server()
+    running = start_server()
 
     async def go() -> list[str]:
         import websockets
